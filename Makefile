@@ -1,0 +1,40 @@
+# Every target does its own set-up: a fresh machine needs only python3 and make.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench docs lint clean services
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Debian's redis-server and wrk, installed when missing (tests start their own
+# private redis-server processes on free ports; nothing uses the system one).
+services:
+	@if ! command -v redis-server >/dev/null 2>&1 || ! command -v wrk >/dev/null 2>&1; then \
+	    echo "installing redis-server and wrk from Debian's packages"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server wrk) >/dev/null \
+	      || { echo "could not install redis-server/wrk with apt-get" >&2; exit 1; }; \
+	fi
+
+demo: $(STAMP)
+	$(PY) -m lbnode.demo
+
+test: $(STAMP) services
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP) services
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP) services
+	$(PY) bench/run.py
+
+docs: $(STAMP)
+	$(PY) -m lbshared.docgen > docs/configuration.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info

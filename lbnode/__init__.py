@@ -1,0 +1,1 @@
+"""lbnode: the proxy node of a clustered HTTP load balancer."""

@@ -1,0 +1,5 @@
+import sys
+
+from lbnode.cli import main
+
+sys.exit(main())

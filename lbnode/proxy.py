@@ -1,0 +1,718 @@
+"""The data path: one downstream connection, its requests, their upstreams.
+
+Theory of operation
+-------------------
+Each accepted connection runs ``DownstreamConnection.serve`` in one task. A
+request goes through these phases, in order (the same order as HAProxy's
+and Pingora's, drawn once here)::
+
+    read head -> decide (LbRuntime: rules, limits, target)
+      -> acquire upstream (pool; on connect failure retry once elsewhere)
+      -> send head (+ body, streamed)  -> read response head
+      -> stream response body          -> release upstream, log
+
+Nothing is buffered beyond one receive (64 KiB) per direction: bodies are
+streamed chunk by chunk with back-pressure from ``send_all``. Writes are
+coalesced: everything the parsers have ready is serialised and sent with one
+``send_all`` before the next read, so a small request costs one write each
+way.
+
+Errors are classified once, where they happen: ``ClientGone`` (the
+downstream broke or stalled: nothing to answer), ``UpstreamFailed`` (502:
+closed, reset, or spoke bad HTTP), ``UpstreamTimeout`` (504). Once response
+bytes have been sent, an upstream failure can only be signalled by closing
+the client connection.
+
+A request body is never replayed: the only retries are a connect failure
+(nothing was sent) and a request without body on a reused pooled connection
+that the upstream had closed (nothing was processed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from http import HTTPStatus
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from lbnode.headers import downstream_response_headers, upstream_request_headers, wants_upgrade
+from lbnode.http1 import (
+    NEED_DATA,
+    PAUSED,
+    ConnectionClosed,
+    Data,
+    EndOfMessage,
+    InformationalResponse,
+    ProtocolError,
+    Request,
+    Response,
+    ServerProtocol,
+    make_server,
+)
+from lbnode.policy.request import RequestView
+from lbnode.runtime import LbRuntime, TargetGroup, TargetState
+from lbnode.upstream import ConnectError, UpstreamConn
+
+log = logging.getLogger("lbnode.proxy")
+
+RECEIVE_SIZE = 65536
+# Flush coalesced response bytes to the client once this much is pending.
+FLUSH_THRESHOLD = 65536
+TEXT_PLAIN = (b"content-type", b"text/plain; charset=utf-8")
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class ClientGone(Exception):
+    """The downstream client closed, reset or stalled: nobody to answer."""
+
+
+class UpstreamFailed(Exception):
+    def __init__(self, reason: str, *, got_response: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.got_response = got_response
+
+
+class UpstreamTimeout(Exception):
+    pass
+
+
+class ListenerSlot:
+    """What a listener serves; repointed (not mutated) on reload."""
+
+    __slots__ = ("lb", "scheme", "port", "closed", "proxy_protocol")
+
+    def __init__(self, lb: LbRuntime, scheme: bytes, port: int, proxy_protocol: bool = False) -> None:
+        self.lb = lb
+        self.scheme = scheme
+        self.port = port
+        self.closed = False
+        self.proxy_protocol = proxy_protocol
+
+
+class Services:
+    """Node-wide things every connection shares."""
+
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        http_impl: str = "h11",
+        access_log: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.http_impl = http_impl
+        self.access_log = access_log
+        self.draining = False
+        self.idle: set[DownstreamConnection] = set()
+        self.active_connections = 0
+        self.active_requests = 0
+        self.requests_total = 0
+        self.status_classes = [0, 0, 0, 0, 0, 0]  # index: status // 100
+
+    def start_drain(self) -> None:
+        self.draining = True
+        for conn in list(self.idle):
+            conn.wake_idle()
+
+
+def _body_framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, bool]:
+    """(has a body, asks for 100-continue) from a request head."""
+    body = expect = False
+    for name, value in headers:
+        if name == b"content-length":
+            body = value.strip() != b"0"
+        elif name == b"transfer-encoding":
+            body = True
+        elif name == b"expect":
+            expect = value.strip().lower() == b"100-continue"
+    return body, expect
+
+
+def error_body(status: int, message: str) -> bytes:
+    return f"{status} {message}\n".encode()
+
+
+class DownstreamConnection:
+    __slots__ = (
+        "stream",
+        "slot",
+        "svc",
+        "client_ip",
+        "client_ip_b",
+        "proto",
+        "_idle_scope",
+        "_closing",
+    )
+
+    def __init__(self, stream: trio.abc.Stream, slot: ListenerSlot, svc: Services, peer: str) -> None:
+        self.stream = stream
+        self.slot = slot
+        self.svc = svc
+        self.client_ip = peer
+        self.client_ip_b = peer.encode()
+        lb = slot.lb
+        self.proto: ServerProtocol = make_server(
+            svc.http_impl, max_header_bytes=lb.max_header_bytes, max_headers=lb.max_headers
+        )
+        self._idle_scope: trio.CancelScope | None = None
+        self._closing = False
+
+    def wake_idle(self) -> None:
+        if self._idle_scope is not None:
+            self._idle_scope.cancel()
+
+    # -- downstream I/O ------------------------------------------------------
+
+    async def _down_recv(self) -> bytes:
+        try:
+            return await self.stream.receive_some(RECEIVE_SIZE)
+        except _BROKEN as exc:
+            raise ClientGone(str(exc)) from None
+
+    async def _down_send(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except _BROKEN as exc:
+            raise ClientGone(str(exc)) from None
+
+    # -- connection loop -----------------------------------------------------
+
+    async def serve(self) -> None:
+        svc = self.svc
+        svc.active_connections += 1
+        first = True
+        try:
+            while not self._closing:
+                try:
+                    req = await self._next_request(first)
+                except ProtocolError as exc:
+                    await self._fatal_error(exc.status, str(exc))
+                    return
+                if req is None:
+                    return
+                first = False
+                svc.active_requests += 1
+                try:
+                    keep = await self._handle(req)
+                finally:
+                    svc.active_requests -= 1
+                if not keep or svc.draining or self.slot.closed or not self.proto.can_reuse:
+                    return
+                self.proto.start_next_cycle()
+        except ClientGone:
+            pass
+        finally:
+            svc.active_connections -= 1
+            svc.idle.discard(self)
+            await trio.aclose_forcefully(self.stream)
+
+    async def _next_request(self, first: bool) -> Request | None:
+        proto = self.proto
+        ev = proto.next_event()
+        if ev is NEED_DATA:
+            lb = self.slot.lb
+            if self.svc.draining:
+                return None
+            # Waiting for the first byte of a request: the idle timeout on a
+            # kept-alive connection, the header timeout on a new one. A drain
+            # wakes connections parked here.
+            wait = lb.request_headers_timeout if first else lb.idle_timeout
+            self.svc.idle.add(self)
+            try:
+                with trio.move_on_after(wait) as scope:
+                    self._idle_scope = scope
+                    data = await self._down_recv()
+            finally:
+                self._idle_scope = None
+                self.svc.idle.discard(self)
+            if scope.cancelled_caught:
+                return None
+            proto.receive_data(data)
+            ev = proto.next_event()
+            if ev is NEED_DATA:
+                with trio.move_on_after(lb.request_headers_timeout) as scope:
+                    while ev is NEED_DATA:
+                        proto.receive_data(await self._down_recv())
+                        ev = proto.next_event()
+                if scope.cancelled_caught:
+                    await self._fatal_error(408, "request header timeout")
+                    return None
+        if type(ev) is Request:
+            return ev
+        return None  # ConnectionClosed, or nothing more to read
+
+    async def _fatal_error(self, status: int, message: str) -> None:
+        """Answer a request we cannot go on with, then close."""
+        body = error_body(status, message)
+        headers = [TEXT_PLAIN, (b"content-length", b"%d" % len(body)), (b"connection", b"close")]
+        try:
+            data = self.proto.send_response(status, headers, _reason(status)) + self.proto.send_data(body)
+            data += self.proto.send_end()
+        except Exception:
+            data = b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))
+            data += b"".join(b"%s: %s\r\n" % h for h in headers) + b"\r\n" + body
+        self._count(status)
+        try:
+            await self.stream.send_all(data)
+        except _BROKEN:
+            pass
+        self._closing = True
+
+    async def _send_error(self, status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None) -> int:
+        body = error_body(status, message)
+        headers = [TEXT_PLAIN, (b"content-length", b"%d" % len(body))]
+        if extra:
+            headers.extend(extra)
+        proto = self.proto
+        data = proto.send_response(status, headers, _reason(status))
+        await self._down_send(data + proto.send_data(body) + proto.send_end())
+        return len(body)
+
+    def _count(self, status: int) -> None:
+        svc = self.svc
+        svc.requests_total += 1
+        svc.status_classes[min(status // 100, 5)] += 1
+
+    # -- one request ----------------------------------------------------------
+
+    async def _handle(self, req: Request) -> bool:
+        """Serve one request; False when the connection must close."""
+        t0 = time.monotonic()
+        lb = self.slot.lb  # the whole request uses this snapshot
+        view = RequestView(req.method, req.target, req.headers, self.client_ip, "")
+        group = lb.group_for(view)
+        record = _Outcome()
+        try:
+            await self._forward(req, lb, group, view, record)
+        except ClientGone:
+            record.status = record.status or 499
+            return False
+        finally:
+            self._count(record.status or 499)
+            if self.svc.access_log is not None:
+                self._log(req, lb, record, t0)
+        return not record.close
+
+    async def _forward(
+        self, req: Request, lb: LbRuntime, group: TargetGroup, view: RequestView, rec: _Outcome
+    ) -> None:
+        has_body, expect = _body_framing(req.headers)
+        target = group.pick(view)
+        if target is None:
+            rec.status = 503
+            rec.bytes_out = await self._send_error(503, "no healthy target")
+            return
+        try:
+            conn = await target.pool.acquire(lb.connect_timeout)
+        except ConnectError as exc:
+            log.warning("lb %s: connect to %s (%s) failed: %s", lb.name, target.id, target.address, exc.reason)
+            alt = group.pick(view, exclude=target)
+            if alt is None:
+                rec.status = 502
+                rec.bytes_out = await self._send_error(502, f"bad gateway: {target.id}: {exc.reason}")
+                return
+            target = alt
+            try:
+                conn = await target.pool.acquire(lb.connect_timeout)
+            except ConnectError as exc2:
+                log.warning("lb %s: connect to %s (%s) failed: %s", lb.name, target.id, target.address, exc2.reason)
+                rec.status = 502
+                rec.bytes_out = await self._send_error(502, f"bad gateway: {target.id}: {exc2.reason}")
+                return
+        upgrade = wants_upgrade(req.headers)
+        headers, rec.request_id = upstream_request_headers(
+            req.headers,
+            client_ip=self.client_ip_b,
+            scheme=self.slot.scheme,
+            upgrade=upgrade,
+            default_host=target.address.encode(),
+        )
+        rec.target = target.id
+        target.active += 1
+        target.requests += 1
+        try:
+            await self._exchange(conn, target, lb, req, headers, has_body, expect, upgrade, rec)
+        finally:
+            target.active -= 1
+
+    async def _exchange(
+        self,
+        conn: UpstreamConn,
+        target: TargetState,
+        lb: LbRuntime,
+        req: Request,
+        headers: list[tuple[bytes, bytes]],
+        has_body: bool,
+        expect: bool,
+        upgrade: bytes | None,
+        rec: _Outcome,
+    ) -> None:
+        dproto = self.proto
+        released = False
+        t_up = time.monotonic()
+        try:
+            up = conn.proto
+            head = up.send_request(req.method, req.target, headers)
+            body_sent = True
+            if not has_body:
+                ev = dproto.next_event()  # the empty body's EndOfMessage
+                if type(ev) is not EndOfMessage:
+                    raise ClientGone("unexpected event after a request without body")
+                try:
+                    await _up_send(conn, head + up.send_end())
+                    resp = await self._response_head(conn, lb, upgrade)
+                except UpstreamFailed as exc:
+                    if not conn.reused or exc.got_response:
+                        raise
+                    # A pooled connection the upstream had closed: nothing was
+                    # processed, so one fresh attempt is safe.
+                    conn.pool.release(conn, False)
+                    conn = await self._reconnect(target, lb)
+                    up = conn.proto
+                    await _up_send(conn, up.send_request(req.method, req.target, headers) + up.send_end())
+                    resp = await self._response_head(conn, lb, upgrade)
+            else:
+                await _up_send(conn, head)
+                if expect and self.proto.client_http_version == b"1.1":
+                    await self._down_send(dproto.send_informational(100, []))
+                # The body goes up while the response comes down: an upstream
+                # may answer (and stream) before it has read everything.
+                pump = _Pump()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump_task, conn, lb, rec, pump, nursery.cancel_scope)
+                    try:
+                        resp = await self._response_head(conn, lb, None, pump)
+                        rec.upstream_ms = round((time.monotonic() - t_up) * 1000.0, 3)
+                        await self._stream_response(conn, resp, lb, rec)
+                    except Exception as exc:
+                        pump.error = pump.error or exc
+                    if not pump.done:
+                        # Answered before the body was all sent: the rest of
+                        # the body is not read, so neither connection is reusable.
+                        body_sent = False
+                    nursery.cancel_scope.cancel()
+                if pump.error is not None:
+                    raise pump.error
+                if not body_sent:
+                    rec.close = True
+                released = True
+                conn.pool.release(conn, body_sent and conn.proto.can_reuse)
+                return
+            rec.upstream_ms = round((time.monotonic() - t_up) * 1000.0, 3)
+            if type(resp) is InformationalResponse:  # 101: switch protocols
+                released = True
+                await self._tunnel(conn, resp, upgrade, rec)
+                return
+            await self._stream_response(conn, resp, lb, rec)
+            if not body_sent:
+                rec.close = True
+            released = True
+            conn.pool.release(conn, conn.proto.can_reuse)
+        except UpstreamTimeout:
+            if dproto.response_started:
+                rec.close = True
+            else:
+                rec.status = 504
+                rec.bytes_out = await self._send_error(504, f"gateway timeout: {target.id} did not answer in {lb.upstream_timeout:g}s")
+        except UpstreamFailed as exc:
+            log.info("lb %s: upstream %s failed: %s", lb.name, target.id, exc.reason)
+            if dproto.response_started:
+                rec.close = True
+            else:
+                rec.status = 502
+                rec.bytes_out = await self._send_error(502, f"bad gateway: {target.id}: {exc.reason}")
+        except ProtocolError as exc:  # we could not serialise for the upstream
+            log.info("lb %s: upstream %s: %s", lb.name, target.id, exc)
+            if dproto.response_started:
+                rec.close = True
+            else:
+                rec.status = 502
+                rec.bytes_out = await self._send_error(502, f"bad gateway: {exc}")
+        except ConnectError as exc:
+            rec.status = 502
+            rec.bytes_out = await self._send_error(502, f"bad gateway: {target.id}: {exc.reason}")
+        finally:
+            if not released:
+                conn.pool.release(conn, False)
+            if not dproto.can_reuse:
+                rec.close = True
+
+    async def _reconnect(self, target: TargetState, lb: LbRuntime) -> UpstreamConn:
+        return await target.pool.acquire(lb.connect_timeout)
+
+    async def _pump_task(
+        self, conn: UpstreamConn, lb: LbRuntime, rec: _Outcome, pump: _Pump, scope: trio.CancelScope
+    ) -> None:
+        try:
+            rec.bytes_in = await self._pump_request_body(conn, lb, rec)
+            pump.done = True
+        except UpstreamFailed:
+            # The upstream stopped reading; it may still answer (413, 401...):
+            # the response side decides.
+            pass
+        except Exception as exc:  # ClientGone, or a bug: either ends the exchange
+            pump.error = exc
+            scope.cancel()
+        finally:
+            pump.finished = True
+            # The response timeout runs from the end of the request body.
+            if pump.head_scope is not None:
+                pump.head_scope.deadline = trio.current_time() + lb.upstream_timeout
+
+    async def _pump_request_body(self, conn: UpstreamConn, lb: LbRuntime, rec: _Outcome) -> int:
+        dproto = self.proto
+        up = conn.proto
+        total = 0
+        while True:
+            try:
+                ev = dproto.next_event()
+            except ProtocolError as exc:  # a malformed chunked body
+                raise ClientGone(str(exc)) from None
+            if ev is NEED_DATA:
+                with trio.move_on_after(lb.idle_timeout) as scope:
+                    data = await self._down_recv()
+                if scope.cancelled_caught:
+                    raise ClientGone("request body timeout")
+                try:
+                    dproto.receive_data(data)
+                except ProtocolError as exc:
+                    raise ClientGone(str(exc)) from None
+                continue
+            t = type(ev)
+            try:
+                if t is Data:
+                    total += len(ev.data)
+                    rec.bytes_in = total
+                    out = up.send_data(ev.data)
+                elif t is EndOfMessage:
+                    out = up.send_end(ev.trailers)
+                else:
+                    raise ClientGone(f"unexpected {ev!r} in a request body")
+            except ProtocolError as exc:
+                raise UpstreamFailed(str(exc)) from None
+            await _up_send(conn, out)
+            if t is EndOfMessage:
+                return total
+
+    async def _response_head(
+        self, conn: UpstreamConn, lb: LbRuntime, upgrade: bytes | None, pump: _Pump | None = None
+    ) -> Response:
+        up = conn.proto
+        got = False
+        timeout = lb.upstream_timeout
+        while True:
+            try:
+                ev = up.next_event()
+            except ProtocolError as exc:
+                raise UpstreamFailed(str(exc), got_response=got) from None
+            if ev is NEED_DATA:
+                with trio.move_on_after(timeout) as scope:
+                    if pump is not None and not pump.finished:
+                        # Still uploading: no response deadline until the body is sent.
+                        scope.deadline = math.inf
+                        pump.head_scope = scope
+                    data = await _up_recv(conn)
+                if pump is not None:
+                    pump.head_scope = None
+                if scope.cancelled_caught:
+                    raise UpstreamTimeout()
+                if not data and not got:
+                    raise UpstreamFailed("upstream closed the connection without answering")
+                got = True
+                try:
+                    up.receive_data(data)
+                except ProtocolError as exc:
+                    raise UpstreamFailed(str(exc), got_response=True) from None
+                continue
+            t = type(ev)
+            if t is Response:
+                return ev
+            if t is InformationalResponse:
+                if ev.status == 101 and upgrade is not None:
+                    return ev
+                continue  # 100 Continue (we answered the client ourselves), 103...
+            if t is ConnectionClosed or ev is PAUSED:
+                raise UpstreamFailed("upstream closed the connection without answering", got_response=got)
+            raise UpstreamFailed(f"unexpected {ev!r} from upstream", got_response=True)
+
+    async def _stream_response(
+        self, conn: UpstreamConn, resp: Response, lb: LbRuntime, rec: _Outcome
+    ) -> None:
+        dproto = self.proto
+        up = conn.proto
+        rec.status = resp.status
+        chunks = [dproto.send_response(resp.status, downstream_response_headers(resp.headers), resp.reason)]
+        pending = len(chunks[0])
+        out = 0
+        timeout = lb.upstream_timeout
+        while True:
+            try:
+                ev = up.next_event()
+            except ProtocolError as exc:
+                await self._flush(chunks)
+                raise UpstreamFailed(str(exc), got_response=True) from None
+            if ev is NEED_DATA:
+                if chunks:
+                    await self._flush(chunks)
+                    chunks = []
+                    pending = 0
+                with trio.move_on_after(timeout) as scope:
+                    data = await _up_recv(conn)
+                if scope.cancelled_caught:
+                    raise UpstreamTimeout()
+                try:
+                    up.receive_data(data)
+                except ProtocolError as exc:
+                    raise UpstreamFailed(str(exc), got_response=True) from None
+                continue
+            t = type(ev)
+            if t is Data:
+                out += len(ev.data)
+                piece = dproto.send_data(ev.data)
+                chunks.append(piece)
+                pending += len(piece)
+                if pending >= FLUSH_THRESHOLD:
+                    await self._flush(chunks)
+                    chunks = []
+                    pending = 0
+            elif t is EndOfMessage:
+                chunks.append(dproto.send_end(ev.trailers))
+                await self._flush(chunks)
+                rec.bytes_out = out
+                return
+            else:
+                raise UpstreamFailed(f"unexpected {ev!r} in a response body", got_response=True)
+
+    async def _flush(self, chunks: list[bytes]) -> None:
+        if chunks:
+            await self._down_send(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    async def _tunnel(
+        self, conn: UpstreamConn, resp: Response, upgrade: bytes | None, rec: _Outcome
+    ) -> None:
+        """After a 101: copy bytes both ways until both sides are done."""
+        dproto = self.proto
+        rec.status = 101
+        rec.close = True
+        head = dproto.send_informational(
+            101, downstream_response_headers(resp.headers, upgrade=upgrade or b"websocket")
+        )
+        up_extra = conn.proto.trailing_data
+        await self._down_send(head + up_extra if up_extra else head)
+        down_extra = dproto.trailing_data
+        counts = [len(down_extra), len(up_extra)]
+        try:
+            if down_extra:
+                await _up_send(conn, down_extra)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_copy, self.stream, conn.stream, counts, 0)
+                nursery.start_soon(_copy, conn.stream, self.stream, counts, 1)
+        except UpstreamFailed:
+            pass
+        finally:
+            conn.pool.release(conn, False)
+            rec.bytes_in, rec.bytes_out = counts
+
+    def _log(self, req: Request, lb: LbRuntime, rec: _Outcome, t0: float) -> None:
+        now = time.monotonic()
+        assert self.svc.access_log is not None
+        self.svc.access_log(
+            {
+                "ts": round(time.time(), 3),
+                "node": self.svc.node_id,
+                "lb": lb.name,
+                "rule": rec.rule,
+                "client": self.client_ip,
+                "method": req.method.decode("latin-1"),
+                "path": req.target.decode("latin-1"),
+                "status": rec.status or 499,
+                "target": rec.target,
+                "upstream_ms": rec.upstream_ms,
+                "total_ms": round((now - t0) * 1000.0, 3),
+                "bytes_in": rec.bytes_in,
+                "bytes_out": rec.bytes_out,
+                "request_id": rec.request_id.decode("latin-1") if rec.request_id else None,
+            }
+        )
+
+
+class _Pump:
+    """Shared between a request-body pump task and the response side."""
+
+    __slots__ = ("done", "finished", "error", "head_scope")
+
+    def __init__(self) -> None:
+        self.done = False  # the whole body went up
+        self.finished = False  # the pump stopped, for whatever reason
+        self.error: BaseException | None = None
+        self.head_scope: trio.CancelScope | None = None
+
+
+class _Outcome:
+    """What the access log and the counters learn about one request."""
+
+    __slots__ = ("status", "target", "rule", "upstream_ms", "bytes_in", "bytes_out", "request_id", "close")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.target: str | None = None
+        self.rule: str | None = None
+        self.upstream_ms: float | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.request_id: bytes | None = None
+        self.close = False
+
+
+async def _up_send(conn: UpstreamConn, data: bytes) -> None:
+    try:
+        await conn.stream.send_all(data)
+    except _BROKEN as exc:
+        raise UpstreamFailed(f"send failed: {exc}") from None
+
+
+async def _up_recv(conn: UpstreamConn) -> bytes:
+    try:
+        return await conn.stream.receive_some(RECEIVE_SIZE)
+    except _BROKEN as exc:
+        raise UpstreamFailed(f"receive failed: {exc}") from None
+
+
+async def _copy(src: trio.abc.Stream, dst: trio.abc.Stream, counts: list[int], idx: int) -> None:
+    """One direction of a tunnel; half-closes ``dst`` at EOF."""
+    try:
+        while True:
+            data = await src.receive_some(RECEIVE_SIZE)
+            if not data:
+                break
+            counts[idx] += len(data)
+            await dst.send_all(data)
+        send_eof = getattr(dst, "send_eof", None)
+        if send_eof is not None:
+            try:
+                await send_eof()
+            except (*_BROKEN, trio.BusyResourceError):
+                pass
+        else:
+            await trio.aclose_forcefully(dst)
+    except _BROKEN:
+        await trio.aclose_forcefully(dst)
+        await trio.aclose_forcefully(src)
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+
+def format_access_record(record: dict[str, Any]) -> str:
+    return json.dumps(record, separators=(",", ":"))
