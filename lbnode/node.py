@@ -28,6 +28,7 @@ import trio
 
 from lbnode.accesslog import AccessLog
 from lbnode.admin import AdminServer
+from lbnode.api import HttpRequest, HttpResponse, LoadBalancerHandle, LoadBalancerManager, route
 from lbnode.listeners import ListenError, accept_loop, make_server_ssl_context, open_listener
 from lbnode.proxy import DownstreamConnection, ListenerSlot, Services
 from lbnode.runtime import LbRuntime, PoolRegistry
@@ -84,6 +85,17 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
         self._apply_lock = trio.Lock()
+        self.manager = LoadBalancerManager(self)
+
+    # -- Python API ------------------------------------------------------------
+
+    def lb(self, name: str) -> LoadBalancerHandle:
+        """The reference document's per-load-balancer handle."""
+        return LoadBalancerHandle(self, name)
+
+    async def route(self, request: HttpRequest, lb: str | None = None) -> HttpResponse:
+        """Route a request object through the data path, in-process."""
+        return await route(self, request, lb)
 
     # -- lifecycle -------------------------------------------------------------
 

@@ -79,8 +79,10 @@ def parse_ip(text: str) -> Address | None:
 def _normalise_network(net: Network | str) -> Network:
     if isinstance(net, str):
         net = ipaddress.ip_network(net, strict=False)
-    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.subnet_of(
-        _V4_MAPPED_NET
+    if (
+        isinstance(net, ipaddress.IPv6Network)
+        and net.prefixlen >= 96
+        and net.subnet_of(_V4_MAPPED_NET)
     ):
         v4 = ipaddress.IPv4Address(int(net.network_address) & _ALL4)
         return ipaddress.IPv4Network((v4, net.prefixlen - 96))

@@ -144,9 +144,7 @@ def _parse_v1(data: bytes) -> ProxyHeader | NeedMore:
     end = data.find(b"\r\n", 0, V1_MAX_LENGTH)
     if end < 0:
         if len(data) >= V1_MAX_LENGTH:
-            raise ProxyProtocolError(
-                f"PROXY v1 header has no CRLF within {V1_MAX_LENGTH} bytes"
-            )
+            raise ProxyProtocolError(f"PROXY v1 header has no CRLF within {V1_MAX_LENGTH} bytes")
         # A bare LF or CR anywhere but the final CRLF can never become valid.
         cr = data.find(b"\r")
         if data.find(b"\n") >= 0 or (0 <= cr < len(data) - 1):
@@ -199,9 +197,7 @@ def _check_v1_partial(line: bytes) -> None:
 def _v1_address(raw: bytes, family: Literal["TCP4", "TCP6"], which: str) -> str:
     try:
         text = raw.decode("ascii")
-        addr = (
-            ipaddress.IPv4Address(text) if family == "TCP4" else ipaddress.IPv6Address(text)
-        )
+        addr = ipaddress.IPv4Address(text) if family == "TCP4" else ipaddress.IPv6Address(text)
     except (UnicodeDecodeError, ValueError):
         raise ProxyProtocolError(
             f"PROXY v1 {which} address {_show(raw)} is not a valid "

@@ -181,12 +181,12 @@ class _HeaderCond:
         if got is None:
             return False
         if kind == "value":
-            if type(got) is bytes:
+            if isinstance(got, bytes):
                 return got == self.value
             return self.value in got
         assert self.regex is not None
         search = self.regex.search
-        if type(got) is bytes:
+        if isinstance(got, bytes):
             return search(got.decode("latin-1")) is not None
         return any(search(v.decode("latin-1")) for v in got)
 
@@ -202,10 +202,10 @@ def _header_map(headers: Sequence[tuple[bytes, bytes]]) -> _HeaderMap:
         prev = out.get(k)
         if prev is None:
             out[k] = v
-        elif type(prev) is list:
+        elif isinstance(prev, list):
             prev.append(v)
         else:
-            out[k] = [prev, v]  # type: ignore[list-item]
+            out[k] = [prev, v]
     return out
 
 
@@ -329,9 +329,7 @@ class _CompiledRule:
         )
         self.match = Match(rule, index, name, access, sticky, self.split)
 
-    def takes(
-        self, req: RequestView, path: str, host: str, addr: Any, headers: _HeaderMap
-    ) -> bool:
+    def takes(self, req: RequestView, path: str, host: str, addr: Any, headers: _HeaderMap) -> bool:
         methods = self.methods
         if methods is not None and req.method not in methods:
             return False

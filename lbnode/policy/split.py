@@ -41,9 +41,7 @@ SPLIT_BUCKETS: Final = 10_000
 
 def split_bucket(rule_name: str, key: str) -> int:
     """The split bucket (0..9999) of ``key`` for rule ``rule_name``."""
-    digest = blake2b(
-        f"{rule_name}\0{key}".encode("utf-8", "surrogatepass"), digest_size=8
-    ).digest()
+    digest = blake2b(f"{rule_name}\0{key}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big") % SPLIT_BUCKETS
 
 
@@ -51,6 +49,12 @@ class Split:
     """The weight check of one rule. Immutable; build once per config."""
 
     __slots__ = ("rule_name", "weight", "key_spec", "_threshold", "_client_ip_key")
+
+    rule_name: str
+    weight: int
+    key_spec: KeySpec
+    _threshold: int
+    _client_ip_key: bool
 
     def __init__(self, rule_name: str, weight: int, split_key: str | KeySpec = "client_ip") -> None:
         if not 0 <= weight <= 100:

@@ -46,8 +46,8 @@ without it only dates before 2000-01-01 (the customary
 from __future__ import annotations
 
 import calendar
-import email.utils
 import enum
+import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, NamedTuple, Protocol
@@ -211,16 +211,40 @@ def _max_age(raw: str) -> int | None:
     return int(raw)
 
 
+_MONTHS: Final = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+# RFC 6265 5.1.1 delimiters: everything but digits, letters, ':' and some others.
+_DATE_DELIMS: Final = re.compile(r"[\x09\x20-\x2f\x3b-\x40\x5b-\x60\x7b-\x7e]+")
+_TIME: Final = re.compile(r"(\d{1,2}):(\d{1,2}):(\d{1,2})(?:\D.*)?$")
+_DIGITS_PREFIX: Final = re.compile(r"(\d+)(?:\D.*)?$")
+
+
 def _expires(raw: str) -> float | None:
-    parsed = email.utils.parsedate_tz(raw.replace("-", " "))
-    if parsed is None:
+    """Parse a cookie date as RFC 6265 5.1.1 does; epoch seconds or None."""
+    hms: tuple[int, int, int] | None = None
+    day = month = year = None
+    for token in _DATE_DELIMS.split(raw):
+        if not token:
+            continue
+        if hms is None and (m := _TIME.match(token)):
+            hms = (int(m[1]), int(m[2]), int(m[3]))
+            continue
+        digits = _DIGITS_PREFIX.match(token)
+        if day is None and digits and len(digits[1]) <= 2:
+            day = int(digits[1])
+            continue
+        if month is None and token[:3].lower() in _MONTHS:
+            month = _MONTHS.index(token[:3].lower()) + 1
+            continue
+        if year is None and digits and 2 <= len(digits[1]) <= 4:
+            year = int(digits[1])
+            year += 1900 if 70 <= year <= 99 else 2000 if year <= 69 else 0
+            continue
+    if hms is None or day is None or month is None or year is None:
         return None
-    try:
-        if parsed[9] is None:
-            return float(calendar.timegm(parsed[:9]))  # type: ignore[arg-type]
-        return float(email.utils.mktime_tz(parsed))
-    except (OverflowError, ValueError):
+    hour, minute, second = hms
+    if not (1 <= day <= 31 and year >= 1601 and hour <= 23 and minute <= 59 and second <= 59):
         return None
+    return float(calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0)))
 
 
 def _is_deletion(val: str, attrs: dict[str, str], wall_now: float | None) -> bool:

@@ -80,9 +80,9 @@ def test_network_set_agrees_with_ipaddress_v4(
 def test_network_set_agrees_with_ipaddress_v6(
     net: ipaddress.IPv6Address, plen: int, probe: ipaddress.IPv6Address
 ) -> None:
-    network = ipaddress.ip_network(f"{net}/{plen}", strict=False)
+    network = ipaddress.IPv6Network(f"{net}/{plen}", strict=False)
     mapped = probe.ipv4_mapped is not None or (
-        network.prefixlen >= 96 and network.subnet_of(ipaddress.ip_network("::ffff:0:0/96"))
+        network.prefixlen >= 96 and network.subnet_of(ipaddress.IPv6Network("::ffff:0:0/96"))
     )
     if mapped:
         return  # normalised to v4 on one side: covered by the table above

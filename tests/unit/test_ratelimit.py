@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import bisect
 import tracemalloc
+from array import array
 
 import pytest
 from hypothesis import given, settings
@@ -172,7 +173,7 @@ def _copy_store(store: CounterStore) -> MemoryCounterStore:
     assert isinstance(store, MemoryCounterStore)
     clone = MemoryCounterStore(store.interval, buckets=store.buckets, max_keys=store.max_keys)
     for key, rec in store._keys.items():
-        clone._keys[key] = list(rec)
+        clone._keys[key] = array("q", rec)
     return clone
 
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lbnode.policy.request import RequestView
-from lbnode.policy.rules import CompiledRules, Match, compile_glob, glob_to_regex
+from lbnode.policy.rules import CompiledRules, compile_glob, glob_to_regex
 from lbnode.policy.split import Split
 from lbshared.config import Access, LoadBalancer, RateLimit, Rule, StickySession, ValueMatch
 
@@ -269,7 +269,7 @@ def test_client_cidr(cidrs: list[str], client_ip: str, expected: bool) -> None:
 
 # ------------------------------------------------------------------- AND
 
-FULL = dict(
+FULL: dict[str, Any] = dict(
     path="/api/*",
     method=["POST"],
     host="*.example.com",
@@ -370,7 +370,9 @@ def test_weight_falls_through_to_later_rules_then_the_lb() -> None:
         name = m.name if m is not None else None
         counts[name] += 1
         # exactly what the splits say, request by request
-        expected = "canary" if canary.takes_key(client) else "beta" if beta.takes_key(client) else None
+        expected = (
+            "canary" if canary.takes_key(client) else "beta" if beta.takes_key(client) else None
+        )
         assert name == expected
     assert abs(counts["canary"] / n - 0.10) < 0.01
     assert abs(counts["beta"] / n - 0.45) < 0.015  # half of the remaining 90 %
@@ -390,9 +392,7 @@ def test_split_key_cookie_with_ip_fallback() -> None:
     split = Split("canary", 50)
     user = [(b"cookie", b"uid=alice")]
     first = cr.match(req(headers=user, client_ip="10.0.0.1"))
-    assert all(
-        cr.match(req(headers=user, client_ip=f"10.0.0.{i}")) is first for i in range(50)
-    )
+    assert all(cr.match(req(headers=user, client_ip=f"10.0.0.{i}")) is first for i in range(50))
     # without the cookie, the client IP decides
     for i in range(50):
         client = f"10.0.1.{i}"
@@ -445,9 +445,9 @@ def test_sticky_sessions_off_for_the_load_balancer() -> None:
 def test_compiled_rules_are_immutable() -> None:
     cr = CompiledRules([rule("a")])
     with pytest.raises(AttributeError):
-        cr.rules = ()  # type: ignore[misc]
+        cr.rules = ()
     with pytest.raises(AttributeError):
-        cr.matches[0].name = "b"  # type: ignore[misc]
+        cr.matches[0].name = "b"
     assert isinstance(cr.matches, tuple) and isinstance(cr.rules, tuple)
     assert len(cr) == 1 and "a" in repr(cr)
 

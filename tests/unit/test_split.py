@@ -91,9 +91,7 @@ def test_missing_split_key_falls_back_to_client_ip() -> None:
 
 def test_same_user_same_answer_from_any_ip() -> None:
     split = Split("r", 50, "cookie:uid")
-    answers = {
-        split.takes(view(ip(i), [(b"cookie", b"uid=u-42")])) for i in range(50)
-    }
+    answers = {split.takes(view(ip(i), [(b"cookie", b"uid=u-42")])) for i in range(50)}
     assert len(answers) == 1
 
 
@@ -106,7 +104,7 @@ def test_validation_and_immutability() -> None:
         Split("r", 10, "bogus key")
     split = Split("r", 10)
     with pytest.raises(AttributeError):
-        split.weight = 20  # type: ignore[misc]
+        split.weight = 20
     assert repr(split) == "Split('r', 10, 'client_ip')"
 
 

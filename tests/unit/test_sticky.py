@@ -233,7 +233,10 @@ SET_COOKIE = [
     ([(b"set-cookie", b"session_id=x; Max-Age=abc")], SessionChange(SET, "x")),
     ([(b"set-cookie", b"session_id=x; Max-Age=1e3")], SessionChange(SET, "x")),
     ([(b"set-cookie", b"session_id=x; Expires=not a date")], SessionChange(SET, "x")),
-    ([(b"set-cookie", b"session_id=x; Expires=Fri, 01 Jan 2100 00:00:00 GMT")], SessionChange(SET, "x")),
+    (
+        [(b"set-cookie", b"session_id=x; Expires=Fri, 01 Jan 2100 00:00:00 GMT")],
+        SessionChange(SET, "x"),
+    ),
     # a later deletion beats an earlier set (and vice versa)
     (
         [(b"set-cookie", b"session_id=a"), (b"set-cookie", b"session_id=a; Max-Age=0")],
