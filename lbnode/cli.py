@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from importlib import resources
 from pathlib import Path
@@ -108,14 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             "run standalone with --config FILE"
         )
     try:
-        workers = os.cpu_count() or 1 if args.workers == "auto" else int(args.workers)
+        workers = (os.cpu_count() or 1) if args.workers == "auto" else int(args.workers)
     except ValueError:
         return _fail(f"--workers: {args.workers!r} is not a number or 'auto'")
     if workers < 1:
         return _fail("--workers: must be at least 1")
-    if workers > 1:
-        return _fail("--workers: more than one worker process is not supported yet; run several "
-                     "lbnode processes on the same --bind (listeners use SO_REUSEPORT)")
 
     admin: tuple[str, int] | None = None
     if str(args.admin).lower() != "off":
@@ -138,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
             open(access_log, "a").close()
         except OSError as exc:
             return _fail(f"--access-log {access_log!r}: {exc.strerror or exc}")
+
+    if workers > 1:
+        from lbnode.workers import supervise
+
+        node_id = args.node_id or f"{socket.gethostname()}:{args.admin}"
+        return supervise(list(sys.argv[1:] if argv is None else argv), workers, admin, node_id)
 
     options = NodeOptions(
         bind=args.bind,

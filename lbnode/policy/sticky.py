@@ -211,7 +211,7 @@ def _max_age(raw: str) -> int | None:
     return int(raw)
 
 
-_MONTHS: Final = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_MONTHS: Final = "jan feb mar apr may jun jul aug sep oct nov dec".split()
 # RFC 6265 5.1.1 delimiters: everything but digits, letters, ':' and some others.
 _DATE_DELIMS: Final = re.compile(r"[\x09\x20-\x2f\x3b-\x40\x5b-\x60\x7b-\x7e]+")
 _TIME: Final = re.compile(r"(\d{1,2}):(\d{1,2}):(\d{1,2})(?:\D.*)?$")

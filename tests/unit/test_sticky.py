@@ -220,6 +220,19 @@ SET_COOKIE = [
         [(b"set-cookie", b"session_id=x; expires=Thu, 01-Jan-1970 00:00:01 GMT; Path=/")],
         SessionChange(CLEAR, "x"),
     ),
+    # the other date forms browsers accept (RFC 850, asctime)
+    (
+        [(b"set-cookie", b"session_id=x; expires=Sunday, 06-Nov-94 08:49:37 GMT")],
+        SessionChange(CLEAR, "x"),
+    ),
+    (
+        [(b"set-cookie", b"session_id=x; expires=Sun Nov  6 08:49:37 1994")],
+        SessionChange(CLEAR, "x"),
+    ),
+    (
+        [(b"set-cookie", b"session_id=x; expires=Sun Nov  6 08:49:37 2094")],
+        SessionChange(SET, "x"),
+    ),
     # Max-Age wins over Expires, both ways
     (
         [(b"set-cookie", b"session_id=x; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Max-Age=60")],
