@@ -54,8 +54,10 @@ from lbnode.http1 import (
     ServerProtocol,
     make_server,
 )
+from lbnode.policy.proxy_protocol import ProxyHeader, ProxyProtocolError, parse_proxy_header
 from lbnode.policy.request import RequestView
-from lbnode.runtime import LbRuntime, TargetGroup, TargetState
+from lbnode.policy.sticky import CookieAction, StickyPolicy
+from lbnode.runtime import LbRuntime, TargetState
 from lbnode.upstream import ConnectError, UpstreamConn
 
 log = logging.getLogger("lbnode.proxy")
@@ -188,6 +190,8 @@ class DownstreamConnection:
         svc.active_connections += 1
         first = True
         try:
+            if self.slot.proxy_protocol and not await self._read_proxy_header():
+                return
             while not self._closing:
                 try:
                     req = await self._next_request(first)
@@ -211,6 +215,33 @@ class DownstreamConnection:
             svc.active_connections -= 1
             svc.idle.discard(self)
             await trio.aclose_forcefully(self.stream)
+
+    async def _read_proxy_header(self) -> bool:
+        """Read the PROXY protocol v1/v2 header a listener with
+        ``proxy_protocol: true`` requires; False to drop the connection."""
+        lb = self.slot.lb
+        buf = b""
+        with trio.move_on_after(lb.request_headers_timeout):
+            while True:
+                try:
+                    res = parse_proxy_header(buf)
+                except ProxyProtocolError as exc:
+                    log.info("lb %s: bad PROXY header from %s: %s", lb.name, self.client_ip, exc)
+                    return False
+                if isinstance(res, ProxyHeader):
+                    break
+                data = await self._down_recv()
+                if not data:
+                    return False
+                buf += data
+            if res.src_ip is not None and lb.believes_proxy_header(self.client_ip):
+                self.client_ip = res.src_ip
+                self.client_ip_b = res.src_ip.encode()
+            if len(buf) > res.consumed:
+                self.proto.receive_data(buf[res.consumed :])
+            return True
+        log.info("lb %s: no PROXY header from %s in time", lb.name, self.client_ip)
+        return False
 
     async def _next_request(self, first: bool) -> Request | None:
         proto = self.proto
@@ -285,11 +316,12 @@ class DownstreamConnection:
         """Serve one request; False when the connection must close."""
         t0 = time.monotonic()
         lb = self.slot.lb  # the whole request uses this snapshot
-        view = RequestView(req.method, req.target, req.headers, self.client_ip, "")
-        group = lb.group_for(view)
+        client = lb.client_ip(self.client_ip, req.headers) if lb.trusted is not None else self.client_ip
+        view = RequestView(req.method, req.target, req.headers, client, "")
         record = _Outcome()
+        record.client = client
         try:
-            await self._forward(req, lb, group, view, record)
+            await self._forward(req, lb, view, record)
         except ClientGone:
             record.status = record.status or 499
             return False
@@ -299,32 +331,75 @@ class DownstreamConnection:
                 self._log(req, lb, record, t0)
         return not record.close
 
-    async def _forward(
-        self, req: Request, lb: LbRuntime, group: TargetGroup, view: RequestView, rec: _Outcome
+    async def _refuse(
+        self, rec: _Outcome, status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None
     ) -> None:
+        rec.status = status
+        rec.bytes_out = await self._send_error(status, message, extra)
+
+    async def _forward(self, req: Request, lb: LbRuntime, view: RequestView, rec: _Outcome) -> None:
+        # Order of checks: access, rule match, rate limit, sticky, balancing.
+        ip = view.client_ip
+        if lb.access is not None and not lb.access.allows(ip):
+            lb.count("access_denied", None)
+            return await self._refuse(rec, 403, "access denied")
+        match = lb.rules.match(view) if lb.has_rules else None
+        if match is not None:
+            rec.rule = match.name
+            if match.access is not None and not match.access.allows(ip):
+                lb.count("access_denied", match.name)
+                return await self._refuse(rec, 403, "access denied")
+            group = lb.rule_groups[match.index]
+            limiter = lb.rule_limiters.get(match.index, lb.limiter)
+            sticky = match.sticky
+        else:
+            group = lb.default_group
+            limiter = lb.limiter
+            sticky = lb.sticky
+        now = time.monotonic()
+        if limiter is not None:
+            decision = limiter.check_request(view, now)
+            if not decision.allowed:
+                lb.count("rate_limited", rec.rule)
+                return await self._refuse(rec, 429, "rate limit exceeded", decision.headers())
+            rec.extra_headers = decision.headers()
+        target: TargetState | None = None
+        if sticky is not None:
+            session = sticky.session_of_request(view)
+            if session:
+                rec.sticky = sticky
+                rec.pin_key = key = sticky.key(session)
+                pinned = lb.pins.get(key, now)
+                if pinned is not None:
+                    t = group.by_id.get(pinned)
+                    if t is not None and t.healthy:
+                        target = t
+                        rec.pinned = True
+                        lb.pins.refresh(key, sticky.ttl, now)
+                    else:  # its target is gone or unhealthy: re-pin below
+                        lb.pins.unpin(key)
+                        lb.count("sticky_repin", rec.rule)
+            else:
+                rec.sticky = sticky  # learn the session from the response
         has_body, expect = _body_framing(req.headers)
-        target = group.pick(view)
         if target is None:
-            rec.status = 503
-            rec.bytes_out = await self._send_error(503, "no healthy target")
-            return
+            target = group.pick(view)
+        if target is None:
+            return await self._refuse(rec, 503, "no healthy target")
         try:
             conn = await target.pool.acquire(lb.connect_timeout)
         except ConnectError as exc:
             log.warning("lb %s: connect to %s (%s) failed: %s", lb.name, target.id, target.address, exc.reason)
             alt = group.pick(view, exclude=target)
             if alt is None:
-                rec.status = 502
-                rec.bytes_out = await self._send_error(502, f"bad gateway: {target.id}: {exc.reason}")
-                return
+                return await self._refuse(rec, 502, f"bad gateway: {target.id}: {exc.reason}")
             target = alt
+            rec.pinned = False
             try:
                 conn = await target.pool.acquire(lb.connect_timeout)
             except ConnectError as exc2:
                 log.warning("lb %s: connect to %s (%s) failed: %s", lb.name, target.id, target.address, exc2.reason)
-                rec.status = 502
-                rec.bytes_out = await self._send_error(502, f"bad gateway: {target.id}: {exc2.reason}")
-                return
+                return await self._refuse(rec, 502, f"bad gateway: {target.id}: {exc2.reason}")
         upgrade = wants_upgrade(req.headers)
         headers, rec.request_id = upstream_request_headers(
             req.headers,
@@ -392,11 +467,13 @@ class DownstreamConnection:
                         await self._stream_response(conn, resp, lb, rec)
                     except Exception as exc:
                         pump.error = pump.error or exc
-                    if not pump.done:
-                        # Answered before the body was all sent: the rest of
-                        # the body is not read, so neither connection is reusable.
-                        body_sent = False
                     nursery.cancel_scope.cancel()
+                # Checked once the pump has stopped: it may have written the
+                # body's end (so the upstream could answer) and not yet run again.
+                if not pump.done:
+                    # Answered before the body was all sent: the rest of
+                    # the body is not read, so neither connection is reusable.
+                    body_sent = False
                 if pump.error is not None:
                     raise pump.error
                 if not body_sent:
@@ -547,7 +624,12 @@ class DownstreamConnection:
         dproto = self.proto
         up = conn.proto
         rec.status = resp.status
-        chunks = [dproto.send_response(resp.status, downstream_response_headers(resp.headers), resp.reason)]
+        out_headers = downstream_response_headers(resp.headers)
+        if rec.extra_headers:
+            out_headers.extend(rec.extra_headers)
+        if rec.sticky is not None and resp.status < 500:
+            _learn_pin(lb, rec, resp.headers)
+        chunks = [dproto.send_response(resp.status, out_headers, resp.reason)]
         pending = len(chunks[0])
         out = 0
         timeout = lb.upstream_timeout
@@ -628,7 +710,7 @@ class DownstreamConnection:
                 "node": self.svc.node_id,
                 "lb": lb.name,
                 "rule": rec.rule,
-                "client": self.client_ip,
+                "client": rec.client,
                 "method": req.method.decode("latin-1"),
                 "path": req.target.decode("latin-1"),
                 "status": rec.status or 499,
@@ -654,12 +736,51 @@ class _Pump:
         self.head_scope: trio.CancelScope | None = None
 
 
+def _learn_pin(lb: LbRuntime, rec: _Outcome, headers: list[tuple[bytes, bytes]]) -> None:
+    """Sticky sessions from the response: a Set-Cookie of the session cookie
+    pins the new session to the target that set it (HAProxy's ``stick
+    store-response``); a request that carried an unpinned session pins it."""
+    sticky = rec.sticky
+    assert sticky is not None and rec.target is not None
+    now = time.monotonic()
+    change = sticky.response_cookie(headers)
+    if change is not None:
+        key = sticky.key(change.session)
+        if change.action is CookieAction.SET:
+            if key == rec.pin_key and not rec.pinned:
+                lb.pins.unpin(key)
+            lb.pins.pin_if_absent(key, rec.target, sticky.ttl, now)
+        else:
+            lb.pins.unpin(key)
+    elif rec.pin_key is not None and not rec.pinned:
+        lb.pins.pin_if_absent(rec.pin_key, rec.target, sticky.ttl, now)
+
+
 class _Outcome:
     """What the access log and the counters learn about one request."""
 
-    __slots__ = ("status", "target", "rule", "upstream_ms", "bytes_in", "bytes_out", "request_id", "close")
+    __slots__ = (
+        "status",
+        "target",
+        "rule",
+        "client",
+        "upstream_ms",
+        "bytes_in",
+        "bytes_out",
+        "request_id",
+        "close",
+        "extra_headers",
+        "sticky",
+        "pin_key",
+        "pinned",
+    )
 
     def __init__(self) -> None:
+        self.client = ""
+        self.extra_headers: list[tuple[bytes, bytes]] | None = None
+        self.sticky: StickyPolicy | None = None
+        self.pin_key: str | None = None
+        self.pinned = False
         self.status = 0
         self.target: str | None = None
         self.rule: str | None = None

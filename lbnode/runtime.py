@@ -12,11 +12,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+from lbnode.policy.access import AccessPolicy, NetworkSet, client_ip_from, parse_ip
 from lbnode.policy.balancing import Algorithm, make_algorithm
 from lbnode.policy.keys import KeySpec
+from lbnode.policy.ratelimit import MemoryCounterStore, RateLimiter
 from lbnode.policy.request import RequestView
+from lbnode.policy.rules import CompiledRules
+from lbnode.policy.sticky import MemoryPinStore, StickyPolicy
 from lbnode.upstream import UpstreamPool
-from lbshared.config import LoadBalancer, Target
+from lbshared.config import LoadBalancer, RateLimit, Target
 
 log = logging.getLogger("lbnode.runtime")
 
@@ -44,12 +48,13 @@ class TargetState:
 class TargetGroup:
     """A set of targets and the algorithm that balances over them."""
 
-    __slots__ = ("targets", "algorithm", "key_spec", "wants_record")
+    __slots__ = ("targets", "by_id", "algorithm", "key_spec", "wants_record")
 
     def __init__(
         self, targets: list[TargetState], algorithm: Algorithm, key_spec: KeySpec | None
     ) -> None:
         self.targets = targets
+        self.by_id = {t.id: t for t in targets}
         self.algorithm = algorithm
         self.key_spec = key_spec
         self.wants_record = bool(getattr(algorithm, "wants_record", False))
@@ -139,5 +144,69 @@ class LbRuntime:
         self.max_header_bytes = cfg.limits.max_header_bytes
         self.max_headers = cfg.limits.max_headers
 
-    def group_for(self, view: RequestView) -> TargetGroup:
-        return self.default_group
+        # Traffic policy (checked in this order by the data path): access,
+        # rules, rate limit, sticky, balancing. State that must outlive a
+        # rebuild (pins, rate-limit windows) is carried over.
+        self.trusted = NetworkSet(cfg.trusted_proxies) if cfg.trusted_proxies else None
+        self.access = AccessPolicy.from_config(cfg.access) if cfg.access else None
+        self.rules = CompiledRules.for_load_balancer(cfg)
+        self.has_rules = len(self.rules) > 0
+        self.rule_groups: dict[int, TargetGroup] = {}
+        self.rule_limiters: dict[int, RateLimiter] = {}
+        prev_limiters = previous.limiters_by_name() if previous is not None else {}
+        for match in self.rules.matches:
+            rule = match.rule
+            algo = rule.algorithm or cfg.algorithm
+            subset = [self.by_id[i] for i in rule.targets] if rule.targets else targets
+            self.rule_groups[match.index] = TargetGroup(
+                subset, make_algorithm(algo), _key_spec(algo, rule.hash_key or cfg.hash_key)
+            )
+            if rule.rate_limit is not None and rule.rate_limit.enabled:
+                self.rule_limiters[match.index] = _limiter(
+                    rule.rate_limit, prev_limiters.get(match.name)
+                )
+        self.limiter: RateLimiter | None = None
+        if cfg.rate_limit is not None and cfg.rate_limit.enabled:
+            self.limiter = _limiter(cfg.rate_limit, prev_limiters.get(""))
+        self.sticky = (
+            StickyPolicy.from_config("", cfg.sticky_session)
+            if cfg.sticky_session is not None and cfg.sticky_sessions
+            else None
+        )
+        self.pins = previous.pins if previous is not None else MemoryPinStore()
+        # Refusals and re-pins by (kind, rule name or ""), for /status and metrics.
+        self.counters: dict[tuple[str, str], int] = (
+            previous.counters if previous is not None else {}
+        )
+
+    def limiters_by_name(self) -> dict[str, RateLimiter]:
+        out = {self.rules.matches[i].name: lim for i, lim in self.rule_limiters.items()}
+        if self.limiter is not None:
+            out[""] = self.limiter
+        return out
+
+    def client_ip(self, peer: str, view_headers: list[tuple[bytes, bytes]]) -> str:
+        """The client address: the peer, or from X-Forwarded-For when the
+        peer is one of ``trusted_proxies``."""
+        if self.trusted is None:
+            return peer
+        xff = [v for n, v in view_headers if n == b"x-forwarded-for"]
+        return client_ip_from(peer, xff, self.trusted) if xff else peer
+
+    def count(self, kind: str, rule: str | None) -> None:
+        key = (kind, rule or "")
+        self.counters[key] = self.counters.get(key, 0) + 1
+
+    def believes_proxy_header(self, peer: str) -> bool:
+        """A PROXY protocol header is believed on a listener that enables
+        it when no ``trusted_proxies`` are set, or when the peer is one."""
+        if self.trusted is None:
+            return True
+        addr = parse_ip(peer)
+        return addr is not None and self.trusted.contains_address(addr)
+
+
+def _limiter(cfg: RateLimit, previous: RateLimiter | None) -> RateLimiter:
+    if previous is not None and previous.config == cfg:
+        return previous  # same limit: keep its windows
+    return RateLimiter(cfg, MemoryCounterStore(cfg.interval, max_keys=cfg.max_keys))
