@@ -54,6 +54,7 @@ from lbnode.http1 import (
     ServerProtocol,
     make_server,
 )
+from lbnode.policy.balancing import Metrics
 from lbnode.policy.proxy_protocol import ProxyHeader, ProxyProtocolError, parse_proxy_header
 from lbnode.policy.request import RequestView
 from lbnode.policy.sticky import CookieAction, StickyPolicy
@@ -411,10 +412,18 @@ class DownstreamConnection:
         rec.target = target.id
         target.active += 1
         target.requests += 1
+        if group.wants_record:  # a custom algorithm that tracks its own metrics
+            group.algorithm.record(target, Metrics(target.active))
+        t_start = time.monotonic()
         try:
             await self._exchange(conn, target, lb, req, headers, has_body, expect, upgrade, rec)
         finally:
             target.active -= 1
+            if group.wants_record:
+                group.algorithm.record(
+                    target,
+                    Metrics(target.active, time.monotonic() - t_start, not 0 < rec.status < 500),
+                )
 
     async def _exchange(
         self,
@@ -573,7 +582,9 @@ class DownstreamConnection:
                     raise ClientGone(f"unexpected {ev!r} in a request body")
             except ProtocolError as exc:
                 raise UpstreamFailed(str(exc)) from None
-            await _up_send(conn, out)
+            if out:  # nothing to write for the end of a Content-Length body:
+                # no checkpoint there, where the finished response would cancel us
+                await _up_send(conn, out)
             if t is EndOfMessage:
                 return total
 
