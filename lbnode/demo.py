@@ -162,7 +162,8 @@ The access log (one JSON object per request) prints on this terminal. Try:
 
   # round robin over api-1, api-2, api-3
   for i in 1 2 3 4 5 6; do curl -s {lb}/; done
-  # rule api_canary: X-Canary: true sends ~10% of those requests to api-3
+  # rule api_canary: ~10% of X-Canary: true requests take it (api-3 only; the access
+  # log's "rule" field shows which did), the rest are balanced as usual
   for i in $(seq 30); do curl -s -H 'X-Canary: true' {lb}/; done | sort | uniq -c
   # rule api_v2 (/api/v2/*, sticky on cookie session_id): one session stays on one target
   for i in 1 2 3 4; do curl -s -b session_id=alice {lb}/api/v2/orders; done

@@ -499,6 +499,8 @@ def _route(path: str) -> Handler:
     for prefix, handler in _PREFIX:
         if path.startswith(prefix):
             return handler
+    if path.endswith("/set-cookie"):  # also under a prefix, e.g. /api/v2/set-cookie
+        return _set_cookie
     return _root
 
 

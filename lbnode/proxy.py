@@ -301,6 +301,8 @@ class DownstreamConnection:
         headers = [TEXT_PLAIN, (b"content-length", b"%d" % len(body))]
         if extra:
             headers.extend(extra)
+        if (self.svc.draining or self.slot.closed) and (b"connection", b"close") not in headers:
+            headers.append((b"connection", b"close"))
         proto = self.proto
         data = proto.send_response(status, headers, _reason(status))
         await self._down_send(data + proto.send_data(body) + proto.send_end())
@@ -336,6 +338,16 @@ class DownstreamConnection:
         self, rec: _Outcome, status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None
     ) -> None:
         rec.status = status
+        if extra is None:  # admitted by a rate limit (then 502/503): its headers still apply
+            extra = rec.extra_headers
+        # A request without body is complete once its end is read, and the
+        # connection stays usable; a body is not read: say that we close.
+        try:
+            done = type(self.proto.next_event()) is EndOfMessage
+        except ProtocolError:
+            done = False
+        if not done:
+            extra = [*(extra or ()), (b"connection", b"close")]
         rec.bytes_out = await self._send_error(status, message, extra)
 
     async def _forward(self, req: Request, lb: LbRuntime, view: RequestView, rec: _Outcome) -> None:
@@ -464,7 +476,7 @@ class DownstreamConnection:
             else:
                 await _up_send(conn, head)
                 if expect and self.proto.client_http_version == b"1.1":
-                    await self._down_send(dproto.send_informational(100, []))
+                    await self._down_send(dproto.send_informational(100, [], b"Continue"))
                 # The body goes up while the response comes down: an upstream
                 # may answer (and stream) before it has read everything.
                 pump = _Pump()
@@ -505,24 +517,24 @@ class DownstreamConnection:
                 rec.close = True
             else:
                 rec.status = 504
-                rec.bytes_out = await self._send_error(504, f"gateway timeout: {target.id} did not answer in {lb.upstream_timeout:g}s")
+                rec.bytes_out = await self._send_error(504, f"gateway timeout: {target.id} did not answer in {lb.upstream_timeout:g}s", rec.extra_headers)
         except UpstreamFailed as exc:
             log.info("lb %s: upstream %s failed: %s", lb.name, target.id, exc.reason)
             if dproto.response_started:
                 rec.close = True
             else:
                 rec.status = 502
-                rec.bytes_out = await self._send_error(502, f"bad gateway: {target.id}: {exc.reason}")
+                rec.bytes_out = await self._send_error(502, f"bad gateway: {target.id}: {exc.reason}", rec.extra_headers)
         except ProtocolError as exc:  # we could not serialise for the upstream
             log.info("lb %s: upstream %s: %s", lb.name, target.id, exc)
             if dproto.response_started:
                 rec.close = True
             else:
                 rec.status = 502
-                rec.bytes_out = await self._send_error(502, f"bad gateway: {exc}")
+                rec.bytes_out = await self._send_error(502, f"bad gateway: {exc}", rec.extra_headers)
         except ConnectError as exc:
             rec.status = 502
-            rec.bytes_out = await self._send_error(502, f"bad gateway: {target.id}: {exc.reason}")
+            rec.bytes_out = await self._send_error(502, f"bad gateway: {target.id}: {exc.reason}", rec.extra_headers)
         finally:
             if not released:
                 conn.pool.release(conn, False)
@@ -640,6 +652,8 @@ class DownstreamConnection:
             out_headers.extend(rec.extra_headers)
         if rec.sticky is not None and resp.status < 500:
             _learn_pin(lb, rec, resp.headers)
+        if self.svc.draining or self.slot.closed:  # we close after this response: say so
+            out_headers.append((b"connection", b"close"))
         chunks = [dproto.send_response(resp.status, out_headers, resp.reason)]
         pending = len(chunks[0])
         out = 0
@@ -694,7 +708,9 @@ class DownstreamConnection:
         rec.status = 101
         rec.close = True
         head = dproto.send_informational(
-            101, downstream_response_headers(resp.headers, upgrade=upgrade or b"websocket")
+            101,
+            downstream_response_headers(resp.headers, upgrade=upgrade or b"websocket"),
+            resp.reason or b"Switching Protocols",
         )
         up_extra = conn.proto.trailing_data
         await self._down_send(head + up_extra if up_extra else head)
@@ -715,6 +731,9 @@ class DownstreamConnection:
     def _log(self, req: Request, lb: LbRuntime, rec: _Outcome, t0: float) -> None:
         now = time.monotonic()
         assert self.svc.access_log is not None
+        rid = rec.request_id
+        if rid is None:  # refused before the upstream head was built: the client's id, if any
+            rid = next((v for n, v in req.headers if n == b"x-request-id"), None)
         self.svc.access_log(
             {
                 "ts": round(time.time(), 3),
@@ -730,7 +749,7 @@ class DownstreamConnection:
                 "total_ms": round((now - t0) * 1000.0, 3),
                 "bytes_in": rec.bytes_in,
                 "bytes_out": rec.bytes_out,
-                "request_id": rec.request_id.decode("latin-1") if rec.request_id else None,
+                "request_id": rid.decode("latin-1") if rid else None,
             }
         )
 

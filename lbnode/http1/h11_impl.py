@@ -37,6 +37,15 @@ _DONE = h11.DONE
 _NOT_STARTED = (h11.IDLE, h11.SEND_RESPONSE)
 
 
+def _short(message: str) -> str:
+    """h11 quotes the offending bytes (up to a whole header line) in its
+    messages; an answer names the cause without echoing them."""
+    cut = message.find(": bytearray(")
+    if cut >= 0:
+        message = message[:cut]
+    return message if len(message) <= 120 else message[:117] + "..."
+
+
 def _lower_headers(headers: h11._headers.Headers) -> HeaderList:
     # h11 keeps (raw name, lower-case name, value) triples; reading them
     # directly avoids the per-item __getitem__ of its Sequence interface.
@@ -75,13 +84,13 @@ class H11Server:
         try:
             self._c.receive_data(data)
         except h11.RemoteProtocolError as exc:  # data after close
-            raise ProtocolError(str(exc), exc.error_status_hint) from None
+            raise ProtocolError(_short(str(exc)), exc.error_status_hint) from None
 
     def next_event(self) -> NextEvent:
         try:
             ev = self._c.next_event()
         except h11.RemoteProtocolError as exc:
-            msg = str(exc)
+            msg = _short(str(exc))
             status = exc.error_status_hint
             if status == 431 or "too long" in msg:
                 status, msg = 431, "request header block too large"
@@ -90,6 +99,8 @@ class H11Server:
         if t is _h11_Data:
             return Data(ev.data)
         if t is _h11_Request:
+            if ev.http_version[:2] != b"1.":  # h11 takes any d.d, e.g. "HTTP/2.0" in text
+                raise ProtocolError("HTTP version not supported", 505)
             headers = _lower_headers(ev.headers)
             if len(headers) > self._max_headers:
                 raise ProtocolError(f"more than {self._max_headers} header fields", 431)
@@ -106,8 +117,10 @@ class H11Server:
     def send_response(self, status: int, headers: Headers, reason: bytes = b"") -> bytes:
         return self._c.send(_h11_Response(status_code=status, headers=headers, reason=reason))
 
-    def send_informational(self, status: int, headers: Headers) -> bytes:
-        return self._c.send(_h11_InformationalResponse(status_code=status, headers=headers))
+    def send_informational(self, status: int, headers: Headers, reason: bytes = b"") -> bytes:
+        return self._c.send(
+            _h11_InformationalResponse(status_code=status, headers=headers, reason=reason)
+        )
 
     def send_data(self, data: bytes) -> bytes:
         return self._c.send(_h11_Data(data=data))
@@ -155,7 +168,7 @@ class H11Client:
         try:
             ev = self._c.next_event()
         except h11.RemoteProtocolError as exc:
-            raise ProtocolError(f"invalid response from upstream: {exc}", 502) from None
+            raise ProtocolError(f"invalid response from upstream: {_short(str(exc))}", 502) from None
         t = type(ev)
         if t is _h11_Data:
             return Data(ev.data)
