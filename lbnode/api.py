@@ -16,7 +16,7 @@ for a request from the network.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -155,19 +155,28 @@ class LoadBalancerHandle:
     async def route(self, request: HttpRequest) -> HttpResponse:
         return await route(self.node, request, self.name)
 
+    async def _edit(self, change: Callable[[dict[str, Any]], None]) -> None:
+        """Read this load balancer's config, ``change`` it and register it, all
+        under the manager's lock, so concurrent edits cannot lose one another."""
+        manager = self.node.manager
+        async with manager.lock:
+            data = lb_to_dict(self.config())
+            change(data)
+            await manager._register(data)
+
     async def _replace(self, **changes: Any) -> None:
-        data = lb_to_dict(self.config())
-        data.update(changes)
-        await self.node.manager.register(data)
+        await self._edit(lambda data: data.update(changes))
 
     async def set_rules(self, rules: Iterable[Rule | Mapping[str, Any]]) -> None:
         """Replace this load balancer's rules, in order, atomically."""
         out: dict[str, Any] = {}
-        for rule in rules:
+        for i, rule in enumerate(rules):
             d = rule.model_dump(mode="json") if isinstance(rule, Rule) else dict(rule)
             name = d.pop("name", "")
             if not name:
-                raise ConfigError([f"rules[{len(out)}]: a rule needs a name"])
+                raise ConfigError([f"rules[{i}]: a rule needs a name"])
+            if name in out:  # a dict would silently keep only the last one
+                raise ConfigError([f"rules[{i}].name: duplicate rule name {name!r}"])
             out[name] = d
         await self._replace(rules=out)
 
@@ -176,16 +185,21 @@ class LoadBalancerHandle:
 
     async def add_target(self, target: Target | Mapping[str, Any]) -> None:
         t = target.model_dump(mode="json") if isinstance(target, Target) else dict(target)
-        data = lb_to_dict(self.config())
-        targets = [x for x in data.get("targets", []) if x["id"] != t["id"]]
-        await self._replace(targets=[*targets, t])
+
+        def change(data: dict[str, Any]) -> None:
+            targets = [x for x in data.get("targets", []) if x["id"] != t["id"]]
+            data["targets"] = [*targets, t]
+
+        await self._edit(change)
 
     async def remove_target(self, target_id: str) -> None:
-        data = lb_to_dict(self.config())
-        targets = data.get("targets", [])
-        if not any(x["id"] == target_id for x in targets):
-            raise KeyError(f"load balancer {self.name!r} has no target {target_id!r}")
-        await self._replace(targets=[x for x in targets if x["id"] != target_id])
+        def change(data: dict[str, Any]) -> None:
+            targets = data.get("targets", [])
+            if not any(x["id"] == target_id for x in targets):
+                raise KeyError(f"load balancer {self.name!r} has no target {target_id!r}")
+            data["targets"] = [x for x in targets if x["id"] != target_id]
+
+        await self._edit(change)
 
     async def set_rate_limit(self, rate_limit: RateLimit | Mapping[str, Any] | None) -> None:
         if isinstance(rate_limit, RateLimit):
@@ -198,22 +212,33 @@ class LoadBalancerManager:
 
     def __init__(self, node: Node) -> None:
         self.node = node
+        # Serialises read-modify-write of the config: two concurrent changes
+        # must not both start from the same old config (one would be lost).
+        self.lock = trio.Lock()
 
     async def register(self, lb: LoadBalancer | Mapping[str, Any]) -> None:
         """Create or replace (whole) one load balancer."""
+        async with self.lock:
+            await self._register(lb)
+
+    async def _register(self, lb: LoadBalancer | Mapping[str, Any]) -> None:
         data = lb_to_dict(lb) if isinstance(lb, LoadBalancer) else dict(lb)
         name = data.get("name", "default")
         current = config_to_dict(self.node.config)["load_balancers"]
-        others = [x for x in current if x["name"] != name]
-        new = parse_config({"load_balancers": [*others, data]}, source="<api>")
+        # Replaced where it stands (list() order and error paths stay put); new ones go last.
+        lbs = [data if x["name"] == name else x for x in current]
+        if not any(x["name"] == name for x in current):
+            lbs.append(data)
+        new = parse_config({"load_balancers": lbs}, source="<api>")
         await self.node.apply(new)
 
     async def deregister(self, name: str) -> None:
-        current = config_to_dict(self.node.config)["load_balancers"]
-        if not any(x["name"] == name for x in current):
-            raise UnknownLoadBalancer(name)
-        rest = [x for x in current if x["name"] != name]
-        await self.node.apply(parse_config({"load_balancers": rest}, source="<api>"))
+        async with self.lock:
+            current = config_to_dict(self.node.config)["load_balancers"]
+            if not any(x["name"] == name for x in current):
+                raise UnknownLoadBalancer(name)
+            rest = [x for x in current if x["name"] != name]
+            await self.node.apply(parse_config({"load_balancers": rest}, source="<api>"))
 
     async def get(self, name: str) -> LoadBalancer:
         return LoadBalancerHandle(self.node, name).config()

@@ -100,6 +100,15 @@ class Node:
     # -- lifecycle -------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._run(task_status)
+        finally:
+            # Also when cancelled from outside: pooled sockets and the log file.
+            self.pools.close_all()
+            if self.access_log is not None:
+                self.access_log.close()
+
+    async def _run(self, task_status: trio.TaskStatus[Node]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if self.options.admin is not None:
@@ -120,9 +129,6 @@ class Node:
             await self._stop.wait()
             await self._drain()
             nursery.cancel_scope.cancel()
-        self.pools.close_all()
-        if self.access_log is not None:
-            self.access_log.close()
 
     def stop(self) -> None:
         """Begin a graceful shutdown (what SIGTERM does)."""
@@ -261,7 +267,11 @@ class Node:
                 s = trio.SSLStream(stream, ssl_ctx, server_side=True, https_compatible=True)
                 try:
                     with trio.fail_after(timeout):
-                        await s.do_handshake()
+                        # With proxy_protocol the PROXY header precedes the TLS
+                        # handshake: the connection reads it from the raw stream
+                        # first, and the handshake runs on first use.
+                        if not slot.proxy_protocol:
+                            await s.do_handshake()
                 except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
                     await trio.aclose_forcefully(s)
                     return
@@ -322,6 +332,11 @@ class Node:
                             "pool_idle": t.pool.idle_connections,
                         }
                         for t in rt.targets
+                    ],
+                    # Refusals and sticky re-pins by (kind, rule); rule "" is the LB itself.
+                    "counters": [
+                        {"kind": kind, "rule": rule, "count": n}
+                        for (kind, rule), n in sorted(rt.counters.items())
                     ],
                 }
             )

@@ -222,6 +222,10 @@ class DownstreamConnection:
         ``proxy_protocol: true`` requires; False to drop the connection."""
         lb = self.slot.lb
         buf = b""
+        # On TLS the header comes before the handshake: read it from the raw
+        # transport, exactly (``at_least`` never overshoots the header), so the
+        # first TLS byte is left for the handshake.
+        raw = self.stream.transport_stream if isinstance(self.stream, trio.SSLStream) else None
         with trio.move_on_after(lb.request_headers_timeout):
             while True:
                 try:
@@ -231,7 +235,13 @@ class DownstreamConnection:
                     return False
                 if isinstance(res, ProxyHeader):
                     break
-                data = await self._down_recv()
+                if raw is not None:
+                    try:
+                        data = await raw.receive_some(res.at_least - len(buf))
+                    except _BROKEN:
+                        return False
+                else:
+                    data = await self._down_recv()
                 if not data:
                     return False
                 buf += data
@@ -407,7 +417,11 @@ class DownstreamConnection:
             if alt is None:
                 return await self._refuse(rec, 502, f"bad gateway: {target.id}: {exc.reason}")
             target = alt
-            rec.pinned = False
+            if rec.pinned:  # the pinned target is unreachable: re-pin to the one that answers
+                assert rec.pin_key is not None
+                lb.pins.unpin(rec.pin_key)
+                lb.count("sticky_repin", rec.rule)
+                rec.pinned = False
             try:
                 conn = await target.pool.acquire(lb.connect_timeout)
             except ConnectError as exc2:

@@ -133,8 +133,18 @@ class LbRuntime:
             targets.append(ts)
         self.targets = targets
         self.by_id = {t.id: t for t in targets}
+        # Algorithms keep their state (round-robin position, WRR weights)
+        # across rebuilds when their spec is unchanged.
+        prev_algos = previous.algorithms if previous is not None else {}
+        self.algorithms: dict[tuple[str, str], Algorithm] = {}
+
+        def algorithm(group: str, spec: str) -> Algorithm:
+            algo = prev_algos.get((group, spec)) or make_algorithm(spec)
+            self.algorithms[(group, spec)] = algo
+            return algo
+
         self.default_group = TargetGroup(
-            targets, make_algorithm(cfg.algorithm), _key_spec(cfg.algorithm, cfg.hash_key)
+            targets, algorithm("", cfg.algorithm), _key_spec(cfg.algorithm, cfg.hash_key)
         )
         to = cfg.timeouts
         self.connect_timeout = to.connect
@@ -159,7 +169,7 @@ class LbRuntime:
             algo = rule.algorithm or cfg.algorithm
             subset = [self.by_id[i] for i in rule.targets] if rule.targets else targets
             self.rule_groups[match.index] = TargetGroup(
-                subset, make_algorithm(algo), _key_spec(algo, rule.hash_key or cfg.hash_key)
+                subset, algorithm(match.name, algo), _key_spec(algo, rule.hash_key or cfg.hash_key)
             )
             if rule.rate_limit is not None and rule.rate_limit.enabled:
                 self.rule_limiters[match.index] = _limiter(
