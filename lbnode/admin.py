@@ -65,7 +65,7 @@ class AdminServer:
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         from lbnode.listeners import open_listener
 
-        listener = await open_listener(self.host, self.port)
+        listener = await open_listener(self.host, self.port, reuse_port=False)
         self.bound_port = listener.socket.getsockname()[1]
         task_status.started(self.bound_port)
         async with listener:
@@ -117,6 +117,12 @@ class AdminServer:
             return _json(401, {"error": "missing or wrong bearer token"})
         if path == b"/status":
             return _json(200, self.node.status())
+        if path == b"/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST
+
+            from lbnode.metrics import render
+
+            return 200, render(self.node), CONTENT_TYPE_LATEST
         return _json(404, {"error": f"no such admin path {path.decode('latin-1')!r}"})
 
 

@@ -355,6 +355,10 @@ class Node:
             "load_balancers": lbs,
         }
 
+    def extra_metrics(self) -> list[Any]:
+        """Metric families of subsystems (Redis, event streams) when present."""
+        return []
+
     def listener_ports(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
         for (lb, _), rec in self._listeners.items():

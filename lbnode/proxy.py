@@ -339,7 +339,13 @@ class DownstreamConnection:
             record.status = record.status or 499
             return False
         finally:
-            self._count(record.status or 499)
+            status = record.status or 499
+            self._count(status)
+            up = record.upstream_ms
+            lb.stats.observe(
+                record.rule, record.target, status, time.monotonic() - t0,
+                None if up is None else up / 1000.0,
+            )
             if self.svc.access_log is not None:
                 self._log(req, lb, record, t0)
         return not record.close

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+from lbnode.metrics import LbStats
 from lbnode.policy.access import AccessPolicy, NetworkSet, client_ip_from, parse_ip
 from lbnode.policy.balancing import Algorithm, make_algorithm
 from lbnode.policy.keys import KeySpec
@@ -188,6 +189,7 @@ class LbRuntime:
         self.counters: dict[tuple[str, str], int] = (
             previous.counters if previous is not None else {}
         )
+        self.stats = previous.stats if previous is not None else LbStats()
 
     def limiters_by_name(self) -> dict[str, RateLimiter]:
         out = {self.rules.matches[i].name: lim for i, lim in self.rule_limiters.items()}
