@@ -65,16 +65,22 @@ async def _load(client: RedisClient, tasks: int, duration: float) -> dict[str, A
     execute = client.execute
     clock = time.perf_counter
     writes_before = client.stats.writes
-    deadline = trio.current_time() + duration
+    running = True
+
+    async def stopper() -> None:
+        nonlocal running
+        await trio.sleep(duration)
+        running = False
 
     async def worker() -> None:
-        while trio.current_time() < deadline:
+        while running:
             t0 = clock()
             await execute("GET", "bench:key")
             record(clock() - t0)
 
     started = clock()
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(stopper)
         for _ in range(tasks):
             nursery.start_soon(worker)
     elapsed = clock() - started

@@ -158,6 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(node.run)
     except ListenError as exc:
         return _fail(str(exc), 1)
+    except BaseExceptionGroup as group:  # raised inside the node's nursery
+        failed, rest = group.split(ListenError)
+        if failed is None or rest is not None:
+            raise
+        first: BaseException = failed
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        return _fail(str(first), 1)
     except KeyboardInterrupt:
         pass
     return 0

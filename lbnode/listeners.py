@@ -41,9 +41,13 @@ def make_server_ssl_context(certificate: str, private_key: str) -> ssl.SSLContex
     return ctx
 
 
-async def open_listener(host: str, port: int) -> trio.SocketListener:
+async def open_listener(
+    host: str, port: int, *, reuse_port: bool = True
+) -> trio.SocketListener:
     """A listening socket with SO_REUSEADDR and SO_REUSEPORT set, so several
-    nodes (or worker processes) can share an address and port."""
+    nodes (or worker processes) can share an address and port. The admin
+    port passes ``reuse_port=False``: two nodes on one admin port is a mistake
+    to refuse, not a load to share."""
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
@@ -51,7 +55,7 @@ async def open_listener(host: str, port: int) -> trio.SocketListener:
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if hasattr(socket, "SO_REUSEPORT"):
+        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)

@@ -387,7 +387,10 @@ class DownstreamConnection:
             sticky = lb.sticky
         now = time.monotonic()
         if limiter is not None:
-            decision = limiter.check_request(view, now)
+            if limiter.is_async:  # strict mode: one atomic decision in Redis
+                decision = await limiter.acheck_request(view, now)  # type: ignore[attr-defined]
+            else:
+                decision = limiter.check_request(view, now)
             if not decision.allowed:
                 lb.count("rate_limited", rec.rule)
                 return await self._refuse(rec, 429, "rate limit exceeded", decision.headers())
@@ -398,15 +401,15 @@ class DownstreamConnection:
             if session:
                 rec.sticky = sticky
                 rec.pin_key = key = sticky.key(session)
-                pinned = lb.pins.get(key, now)
+                pinned = await lb.pins.get(key, now)
                 if pinned is not None:
                     t = group.by_id.get(pinned)
                     if t is not None and t.healthy:
                         target = t
                         rec.pinned = True
-                        lb.pins.refresh(key, sticky.ttl, now)
+                        await lb.pins.refresh(key, sticky.ttl, now)
                     else:  # its target is gone or unhealthy: re-pin below
-                        lb.pins.unpin(key)
+                        await lb.pins.unpin(key)
                         lb.count("sticky_repin", rec.rule)
             else:
                 rec.sticky = sticky  # learn the session from the response
@@ -425,7 +428,7 @@ class DownstreamConnection:
             target = alt
             if rec.pinned:  # the pinned target is unreachable: re-pin to the one that answers
                 assert rec.pin_key is not None
-                lb.pins.unpin(rec.pin_key)
+                await lb.pins.unpin(rec.pin_key)
                 lb.count("sticky_repin", rec.rule)
                 rec.pinned = False
             try:
@@ -671,7 +674,7 @@ class DownstreamConnection:
         if rec.extra_headers:
             out_headers.extend(rec.extra_headers)
         if rec.sticky is not None and resp.status < 500:
-            _learn_pin(lb, rec, resp.headers)
+            await _learn_pin(lb, rec, resp.headers)
         if self.svc.draining or self.slot.closed:  # we close after this response: say so
             out_headers.append((b"connection", b"close"))
         chunks = [dproto.send_response(resp.status, out_headers, resp.reason)]
@@ -786,7 +789,7 @@ class _Pump:
         self.head_scope: trio.CancelScope | None = None
 
 
-def _learn_pin(lb: LbRuntime, rec: _Outcome, headers: list[tuple[bytes, bytes]]) -> None:
+async def _learn_pin(lb: LbRuntime, rec: _Outcome, headers: list[tuple[bytes, bytes]]) -> None:
     """Sticky sessions from the response: a Set-Cookie of the session cookie
     pins the new session to the target that set it (HAProxy's ``stick
     store-response``); a request that carried an unpinned session pins it."""
@@ -798,12 +801,12 @@ def _learn_pin(lb: LbRuntime, rec: _Outcome, headers: list[tuple[bytes, bytes]])
         key = sticky.key(change.session)
         if change.action is CookieAction.SET:
             if key == rec.pin_key and not rec.pinned:
-                lb.pins.unpin(key)
-            lb.pins.pin_if_absent(key, rec.target, sticky.ttl, now)
+                await lb.pins.unpin(key)
+            await lb.pins.pin_if_absent(key, rec.target, sticky.ttl, now)
         else:
-            lb.pins.unpin(key)
+            await lb.pins.unpin(key)
     elif rec.pin_key is not None and not rec.pinned:
-        lb.pins.pin_if_absent(rec.pin_key, rec.target, sticky.ttl, now)
+        await lb.pins.pin_if_absent(rec.pin_key, rec.target, sticky.ttl, now)
 
 
 class _Outcome:

@@ -19,7 +19,8 @@ from lbnode.policy.keys import KeySpec
 from lbnode.policy.ratelimit import MemoryCounterStore, RateLimiter
 from lbnode.policy.request import RequestView
 from lbnode.policy.rules import CompiledRules
-from lbnode.policy.sticky import MemoryPinStore, StickyPolicy
+from lbnode.policy.sticky import StickyPolicy
+from lbnode.cluster.pins import AsyncPinStore, LocalPinStore
 from lbnode.upstream import UpstreamPool
 from lbshared.config import LoadBalancer, RateLimit, Target
 
@@ -105,6 +106,26 @@ def _key_spec(algorithm: str, hash_key: str) -> KeySpec | None:
     return None
 
 
+class Policies:
+    """Builds a load balancer's stateful policy objects: in-process here; the
+    cluster mode (``lbnode.cluster.node``) builds shared ones instead."""
+
+    def limiter(
+        self, lb_name: str, name: str, cfg: RateLimit, previous: RateLimiter | None
+    ) -> RateLimiter:
+        """The limiter ``name`` ("" = the LB's own); an unchanged one is kept,
+        windows and all."""
+        if previous is not None and previous.config == cfg:
+            return previous
+        return RateLimiter(cfg, MemoryCounterStore(cfg.interval, max_keys=cfg.max_keys))
+
+    def pins(self, lb_name: str, previous: AsyncPinStore | None) -> AsyncPinStore:
+        return previous if previous is not None else LocalPinStore()
+
+
+LOCAL_POLICIES = Policies()
+
+
 class LbRuntime:
     """Everything the data path needs to serve one load balancer."""
 
@@ -114,6 +135,7 @@ class LbRuntime:
         pools: PoolRegistry,
         previous: LbRuntime | None = None,
         version: int = 0,
+        policies: Policies = LOCAL_POLICIES,
     ) -> None:
         self.cfg = cfg
         self.name = cfg.name
@@ -173,18 +195,18 @@ class LbRuntime:
                 subset, algorithm(match.name, algo), _key_spec(algo, rule.hash_key or cfg.hash_key)
             )
             if rule.rate_limit is not None and rule.rate_limit.enabled:
-                self.rule_limiters[match.index] = _limiter(
-                    rule.rate_limit, prev_limiters.get(match.name)
+                self.rule_limiters[match.index] = policies.limiter(
+                    cfg.name, match.name, rule.rate_limit, prev_limiters.get(match.name)
                 )
         self.limiter: RateLimiter | None = None
         if cfg.rate_limit is not None and cfg.rate_limit.enabled:
-            self.limiter = _limiter(cfg.rate_limit, prev_limiters.get(""))
+            self.limiter = policies.limiter(cfg.name, "", cfg.rate_limit, prev_limiters.get(""))
         self.sticky = (
             StickyPolicy.from_config("", cfg.sticky_session)
             if cfg.sticky_session is not None and cfg.sticky_sessions
             else None
         )
-        self.pins = previous.pins if previous is not None else MemoryPinStore()
+        self.pins = policies.pins(cfg.name, previous.pins if previous is not None else None)
         # Refusals and re-pins by (kind, rule name or ""), for /status and metrics.
         self.counters: dict[tuple[str, str], int] = (
             previous.counters if previous is not None else {}
@@ -216,9 +238,3 @@ class LbRuntime:
             return True
         addr = parse_ip(peer)
         return addr is not None and self.trusted.contains_address(addr)
-
-
-def _limiter(cfg: RateLimit, previous: RateLimiter | None) -> RateLimiter:
-    if previous is not None and previous.config == cfg:
-        return previous  # same limit: keep its windows
-    return RateLimiter(cfg, MemoryCounterStore(cfg.interval, max_keys=cfg.max_keys))

@@ -41,6 +41,13 @@ class ConnectError(Exception):
 
 
 def _describe_oserror(exc: OSError) -> str:
+    cause = exc.__cause__
+    if exc.errno is None and isinstance(cause, BaseExceptionGroup):
+        # trio.open_tcp_stream's "all attempts to connect ... failed": the
+        # first address's own error says why.
+        first = next((e for e in cause.exceptions if isinstance(e, OSError)), None)
+        if first is not None:
+            exc = first
     if exc.errno == errno.ECONNREFUSED or isinstance(exc, ConnectionRefusedError):
         return "connection refused"
     if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):

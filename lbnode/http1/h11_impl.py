@@ -168,7 +168,8 @@ class H11Client:
         try:
             ev = self._c.next_event()
         except h11.RemoteProtocolError as exc:
-            raise ProtocolError(f"invalid response from upstream: {_short(str(exc))}", 502) from None
+            message = f"invalid response from upstream: {_short(str(exc))}"
+            raise ProtocolError(message, 502) from None
         t = type(ev)
         if t is _h11_Data:
             return Data(ev.data)

@@ -453,6 +453,9 @@ def _ceil(seconds: float) -> int:
 class RateLimiter:
     """Admit or refuse requests under one ``RateLimit`` config."""
 
+    #: The data path calls ``check_request`` (False) or awaits ``acheck_request`` (True).
+    is_async = False
+
     __slots__ = (
         "config",
         "store",

@@ -205,7 +205,7 @@ def test_pins_and_counters_survive_rebuilds() -> None:
     old = build(
         lb(rules={"app": {"path": "/app/*", "targets": ["a", "b"], "sticky_session": sticky}})
     )
-    old.pins.pin_if_absent("app:s1", "a", 3600.0, 0.0)
+    old.pins.local.pin_if_absent("app:s1", "a", 3600.0, 0.0)
     old.count("sticky_repin", "app")
     old.count("access_denied", None)
     new = build(
@@ -215,11 +215,11 @@ def test_pins_and_counters_survive_rebuilds() -> None:
         ),
         old,
     )
-    assert new.pins is old.pins and new.pins.get("app:s1", 1.0) == "a"
+    assert new.pins is old.pins and new.pins.local.get("app:s1", 1.0) == "a"
     new.count("sticky_repin", "app")
     assert new.counters == {("sticky_repin", "app"): 2, ("access_denied", ""): 1}
     fresh = build(lb())
-    assert fresh.counters == {} and fresh.pins.get("app:s1", 1.0) is None
+    assert fresh.counters == {} and fresh.pins.local.get("app:s1", 1.0) is None
 
 
 @pytest.mark.parametrize(
