@@ -104,10 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.redis:
-        return _fail(
-            "--redis: cluster mode needs the Redis support, which this build does not have yet; "
-            "run standalone with --config FILE"
-        )
+        from lbshared.redis_url import parse_url
+
+        try:
+            parse_url(args.redis)
+        except ValueError as exc:
+            return _fail(f"--redis: {exc}")
     try:
         workers = (os.cpu_count() or 1) if args.workers == "auto" else int(args.workers)
     except ValueError:
@@ -152,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         http_impl=args.http_impl,
         drain_timeout=drain,
         config_path=config_path,
+        redis_url=args.redis or None,
+        seed=config_path is not None,
     )
     node = Node(config, options)
     try:

@@ -22,7 +22,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -31,9 +31,12 @@ from lbnode.admin import AdminServer
 from lbnode.api import HttpRequest, HttpResponse, LoadBalancerHandle, LoadBalancerManager, route
 from lbnode.listeners import ListenError, accept_loop, make_server_ssl_context, open_listener
 from lbnode.proxy import DownstreamConnection, ListenerSlot, Services
-from lbnode.runtime import LbRuntime, PoolRegistry
+from lbnode.runtime import LOCAL_POLICIES, LbRuntime, Policies, PoolRegistry
 from lbshared import __version__
 from lbshared.config import Config, ConfigError, Listener, load_config
+
+if TYPE_CHECKING:
+    from lbnode.cluster.agent import ClusterAgent
 
 log = logging.getLogger("lbnode")
 
@@ -50,6 +53,8 @@ class NodeOptions:
     http_impl: str = "h11"
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     config_path: Path | None = None
+    redis_url: str | None = None
+    seed: bool = False  # cluster mode: --config seeds a cluster that has no config
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -86,6 +91,14 @@ class Node:
         self._stop = trio.Event()
         self._apply_lock = trio.Lock()
         self.manager = LoadBalancerManager(self)
+        self.cluster: ClusterAgent | None = None
+        self.policies: Policies = LOCAL_POLICIES
+        if opts.redis_url:
+            from lbnode.cluster.agent import ClusterAgent
+
+            self.cluster = ClusterAgent(self, opts.redis_url, seed=config if opts.seed else None)
+            self.policies = self.cluster.policies
+            self.config = Config(load_balancers=[])  # until the cluster's log says otherwise
 
     # -- Python API ------------------------------------------------------------
 
@@ -115,7 +128,10 @@ class Node:
                 host, port = self.options.admin
                 self.admin = AdminServer(self, host, port, self.options.admin_token)
                 await nursery.start(self.admin.run)
-            await self.apply(self.config)
+            if self.cluster is not None:
+                await nursery.start(self.cluster.run)
+            else:
+                await self.apply(self.config)
             nursery.start_soon(self._signals)
             if self.access_log is not None:
                 nursery.start_soon(self.access_log.flusher)
@@ -128,6 +144,8 @@ class Node:
             task_status.started(self)
             await self._stop.wait()
             await self._drain()
+            if self.cluster is not None:
+                await self.cluster.close()
             nursery.cancel_scope.cancel()
 
     def stop(self) -> None:
@@ -168,6 +186,9 @@ class Node:
         """Re-read ``--config`` and apply it (SIGHUP). False if it was refused."""
         if self.access_log is not None:
             self.access_log.reopen()
+        if self.cluster is not None:
+            log.warning("SIGHUP: a cluster node takes its config from Redis; use lbctl apply")
+            return False
         path = self.options.config_path
         if path is None:
             log.warning("SIGHUP: no --config file to reload")
@@ -187,16 +208,19 @@ class Node:
 
     # -- configuration ---------------------------------------------------------
 
-    async def apply(self, config: Config) -> None:
+    async def apply(self, config: Config, *, version: int | None = None) -> None:
         """Serve ``config``: open, repoint and close listeners to match it.
 
         All new listeners are opened before anything is committed; on a
         failure they are closed again and ``ListenError`` propagates.
         """
         async with self._apply_lock:
-            version = self.config_version + 1
+            if version is None:
+                version = self.config_version + 1
             runtimes = {
-                lb.name: LbRuntime(lb, self.pools, self.runtimes.get(lb.name), version)
+                lb.name: LbRuntime(
+                    lb, self.pools, self.runtimes.get(lb.name), version, self.policies
+                )
                 for lb in config.load_balancers
             }
             wanted: dict[tuple[str, int], tuple[str, Listener]] = {}
@@ -302,7 +326,7 @@ class Node:
     def healthz(self) -> dict[str, Any]:
         return {
             "status": "draining" if self.services.draining else "serving",
-            "degraded": False,
+            "degraded": self.degraded,
             "node": self.node_id,
             "config_version": self.config_version,
         }
@@ -345,7 +369,7 @@ class Node:
             "version": __version__,
             "config_version": self.config_version,
             "draining": svc.draining,
-            "degraded": False,
+            "degraded": self.degraded,
             "uptime_s": round(time.time() - self.started_at, 3),
             "bind": self.options.bind,
             "active_connections": svc.active_connections,
@@ -357,7 +381,12 @@ class Node:
 
     def extra_metrics(self) -> list[Any]:
         """Metric families of subsystems (Redis, event streams) when present."""
-        return []
+        return self.cluster.metrics() if self.cluster is not None else []
+
+    @property
+    def degraded(self) -> bool:
+        """True while a cluster node cannot reach Redis."""
+        return self.cluster is not None and self.cluster.view.degraded
 
     def listener_ports(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}

@@ -151,13 +151,13 @@ def test_admin_off_loopback_needs_a_token(tmp_path: Any) -> None:
     assert "token" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_redis_is_refused_with_a_message(tmp_path: Any) -> None:
+def test_a_bad_redis_url_is_refused_with_a_message(tmp_path: Any) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(one_lb([], free_port())))
-    done = run_lbnode("--config", str(cfg), "--redis", "redis://127.0.0.1:1/0",
+    done = run_lbnode("--config", str(cfg), "--redis", "http://127.0.0.1:1/0",
                       "--admin", f"127.0.0.1:{free_port()}")  # fmt: skip
-    assert done.returncode != 0
-    assert "--redis" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2
+    assert done.stderr.startswith("lbnode: --redis:") and "Traceback" not in done.stderr
 
 
 def test_invalid_config_at_start_lists_every_problem(tmp_path: Any) -> None:
