@@ -37,6 +37,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -78,10 +79,37 @@ STARTUP_WAIT = 3.0
 FOLLOW_BLOCK = 5.0
 STATS_INTERVAL = 2.0
 STATS_TTL = 30
+# ``request_rate`` in a stats summary covers about this many seconds (+ one interval).
+RATE_WINDOW = 10.0
 
 
 def stats_key(name: str) -> str:
     return f"lb:{{{name}}}:stats"
+
+
+class RateWindow:
+    """Requests per second over the last ``RATE_WINDOW`` seconds, from cumulative
+    counts sampled at each stats publish (keys: target ids, ``None`` = the LB)."""
+
+    __slots__ = ("_samples",)
+
+    def __init__(self, start: float) -> None:
+        self._samples: deque[tuple[float, dict[str | None, int]]] = deque([(start, {})])
+
+    def update(
+        self, now: float, counts: dict[str | None, int]
+    ) -> tuple[dict[str | None, float], float]:
+        """Record ``counts`` at monotonic ``now``; the rates and the seconds they cover."""
+        samples = self._samples
+        samples.append((now, counts))
+        while len(samples) > 2 and samples[1][0] <= now - RATE_WINDOW:
+            samples.popleft()
+        start, base = samples[0]
+        span = now - start
+        if span <= 0:
+            return {k: 0.0 for k in counts}, 0.0
+        # A target re-created under the same id restarts from 0: never a negative rate.
+        return {k: max(0, n - base.get(k, 0)) / span for k, n in counts.items()}, span
 
 
 class ClusterPolicies(Policies):
@@ -128,6 +156,7 @@ class ClusterAgent:
         self._pins: dict[str, SharedPinStore] = {}
         self._reconnected = trio.Event()
         self._was_connected = False
+        self._from_log = False
 
     # -- wiring ------------------------------------------------------------------
 
@@ -229,7 +258,12 @@ class ClusterAgent:
         tail = await self.client.execute("XREVRANGE", REGISTRY_EVENTS_KEY, "+", "-", "COUNT", "1")
         registry_pos = tail[0][0].decode() if tail else "0-0"
         state, positions = await load_config_state(self.client, self.log.skipped)
-        if not state.lbs and self.seed is not None and self.seed.load_balancers:
+        if (
+            not state.lbs
+            and not self._from_log  # a node whose config came from Redis never re-seeds it
+            and self.seed is not None
+            and self.seed.load_balancers
+        ):
             await self._seed()
             state, positions = await load_config_state(self.client, self.log.skipped)
         positions[REGISTRY_EVENTS_KEY] = registry_pos
@@ -255,6 +289,7 @@ class ClusterAgent:
     async def _apply(self, state: ConfigState) -> None:
         removed = set(self.state.lbs) - set(state.lbs)
         self.state = state
+        self._from_log = True
         await self.node.apply(state.to_config(), version=state.version)
         self.forget(removed)
 
@@ -342,19 +377,46 @@ class ClusterAgent:
 
     async def _publish_stats(self) -> None:
         """Every few seconds, each load balancer's stats summary under
-        ``lb:{NAME}:stats`` (hash node -> JSON), for ``lbctl metrics``/``status``."""
+        ``lb:{NAME}:stats`` (hash node -> JSON), for ``lbctl metrics``/``status``.
+
+        Besides ``stats`` (cumulative, mergeable) a summary holds the LB's
+        ``requests_total`` (requests answered) and ``request_rate`` (per second
+        over the last ``rate_window`` seconds, about ``RATE_WINDOW``), and per
+        target ``active`` (in flight), ``healthy``, ``requests_total`` (sent to
+        it) and ``request_rate``."""
+        windows: dict[str, RateWindow] = {}
+        last = time.monotonic()
         while True:
             await trio.sleep(STATS_INTERVAL)
+            mono = time.monotonic()
+            for gone in set(windows) - set(self.node.runtimes):
+                del windows[gone]
             if not self.client.connected:
                 continue
             now = time.time()
             for name, rt in list(self.node.runtimes.items()):
+                window = windows.get(name)
+                if window is None:  # a new LB: its counts started at 0 since the last round
+                    window = windows[name] = RateWindow(last)
+                total = sum(st.total for st in rt.stats.entries.values())
+                counts: dict[str | None, int] = {t.id: t.requests for t in rt.targets}
+                counts[None] = total
+                rates, span = window.update(mono, counts)
                 body = {
                     "node": self.node.node_id,
                     "at": now,
                     "stats": summary(rt.stats),
+                    "requests_total": total,
+                    "request_rate": round(rates[None], 3),
+                    "rate_window": round(span, 3),
                     "targets": {
-                        t.id: {"active": t.active, "healthy": t.healthy} for t in rt.targets
+                        t.id: {
+                            "active": t.active,
+                            "healthy": t.healthy,
+                            "requests_total": t.requests,
+                            "request_rate": round(rates[t.id], 3),
+                        }
+                        for t in rt.targets
                     },
                 }
                 try:
@@ -366,6 +428,7 @@ class ClusterAgent:
                     )
                 except RedisError:
                     break
+            last = mono
 
     # -- views ---------------------------------------------------------------------
 

@@ -78,24 +78,31 @@ class Client:
             assert type(event) is h11.InformationalResponse
             reply.informational.append(event.status_code)
             event = None
-        if body:
-            await self._send(h11.Data(data=body))
-        await self._send(h11.EndOfMessage())
+
+        async def send_body() -> None:
+            if body:
+                await self._send(h11.Data(data=body))
+            await self._send(h11.EndOfMessage())
+
         parts = []
-        while True:
-            event = await self._next()
-            if type(event) is h11.InformationalResponse:
-                reply.informational.append(event.status_code)
-            elif type(event) is h11.Response:
-                reply.status = event.status_code
-                reply.headers = dict(event.headers)
-            elif type(event) is h11.Data:
-                parts.append(bytes(event.data))
-                reply.chunks += 1
-            elif type(event) is h11.EndOfMessage:
-                break
-            else:
-                raise AssertionError(f"unexpected {event!r}")
+        # The body goes up while the reply comes down: /echo streams it back
+        # as it arrives, so writing it all first would deadlock on big bodies.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_body)
+            while True:
+                event = await self._next()
+                if type(event) is h11.InformationalResponse:
+                    reply.informational.append(event.status_code)
+                elif type(event) is h11.Response:
+                    reply.status = event.status_code
+                    reply.headers = dict(event.headers)
+                elif type(event) is h11.Data:
+                    parts.append(bytes(event.data))
+                    reply.chunks += 1
+                elif type(event) is h11.EndOfMessage:
+                    break
+                else:
+                    raise AssertionError(f"unexpected {event!r}")
         reply.body = b"".join(parts)
         return reply
 
