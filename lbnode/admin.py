@@ -11,16 +11,20 @@ import hmac
 import ipaddress
 import json
 import logging
+from urllib.parse import parse_qs
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h11
 import trio
 
+from lbnode.admin_ws import is_websocket_upgrade, origin_allowed, serve_feed
+
 log = logging.getLogger("lbnode.admin")
 
 Handler = Callable[[], Awaitable[tuple[int, Any]] | tuple[int, Any]]
 ADMIN_TIMEOUT = 10.0
+FEED_PATH = b"/events/health"
 MAX_HEAD = 16384
 
 
@@ -81,7 +85,14 @@ class AdminServer:
                     return
                 while not isinstance(await _next(conn, stream), h11.EndOfMessage):
                     pass
-                status, body, ctype = self._dispatch(ev)
+                if ev.target.split(b"?", 1)[0] == FEED_PATH and is_websocket_upgrade(ev):
+                    refusal = self._feed_refusal(ev)
+                    if refusal is None:
+                        await serve_feed(stream, ev, bytes(conn.trailing_data[0]), self.node.feed)
+                        return
+                    status, body, ctype = refusal
+                else:
+                    status, body, ctype = self._dispatch(ev)
                 headers = [("content-type", ctype), ("content-length", str(len(body)))]
                 if status == 401:
                     headers.append(("www-authenticate", 'Bearer realm="lbnode-admin"'))
@@ -104,7 +115,18 @@ class AdminServer:
         for name, value in req.headers:
             if name == b"authorization":
                 return hmac.compare_digest(value, self._expected)
-        return False
+        # Browsers cannot set headers on a websocket: ?token= is accepted too.
+        assert self.token is not None
+        tokens = parse_qs(req.target.partition(b"?")[2].decode("latin-1")).get("token", [])
+        return any(hmac.compare_digest(t.encode(), self.token.encode()) for t in tokens)
+
+    def _feed_refusal(self, req: h11.Request) -> tuple[int, bytes, str] | None:
+        """Why a websocket upgrade is refused (checked before upgrading), or None."""
+        if not self._authorised(req):
+            return _json(401, {"error": "missing or wrong bearer token"})
+        if not origin_allowed(req):
+            return _json(403, {"error": "websocket Origin does not match the admin host"})
+        return None
 
     def _dispatch(self, req: h11.Request) -> tuple[int, bytes, str]:
         path = req.target.split(b"?", 1)[0]
@@ -117,6 +139,8 @@ class AdminServer:
             return _json(401, {"error": "missing or wrong bearer token"})
         if path == b"/status":
             return _json(200, self.node.status())
+        if path == FEED_PATH:
+            return _json(426, {"error": "GET /events/health is a websocket: send Upgrade: websocket"})
         if path == b"/metrics":
             from prometheus_client import CONTENT_TYPE_LATEST
 

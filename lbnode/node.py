@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from lbnode.accesslog import AccessLog
+from lbnode.feed import HealthFeed
 from lbnode.admin import AdminServer
 from lbnode.api import HttpRequest, HttpResponse, LoadBalancerHandle, LoadBalancerManager, route
 from lbnode.listeners import ListenError, accept_loop, make_server_ssl_context, open_listener
@@ -91,6 +92,7 @@ class Node:
         self._stop = trio.Event()
         self._apply_lock = trio.Lock()
         self.manager = LoadBalancerManager(self)
+        self.feed = HealthFeed(self.node_id)
         self.cluster: ClusterAgent | None = None
         self.policies: Policies = LOCAL_POLICIES
         if opts.redis_url:
