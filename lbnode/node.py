@@ -28,6 +28,7 @@ import trio
 
 from lbnode.accesslog import AccessLog
 from lbnode.feed import HealthFeed
+from lbnode.health import HealthManager
 from lbnode.admin import AdminServer
 from lbnode.api import HttpRequest, HttpResponse, LoadBalancerHandle, LoadBalancerManager, route
 from lbnode.listeners import ListenError, accept_loop, make_server_ssl_context, open_listener
@@ -93,6 +94,8 @@ class Node:
         self._apply_lock = trio.Lock()
         self.manager = LoadBalancerManager(self)
         self.feed = HealthFeed(self.node_id)
+        self.health = HealthManager(self)
+        self.services.health = self.health
         self.cluster: ClusterAgent | None = None
         self.policies: Policies = LOCAL_POLICIES
         if opts.redis_url:
@@ -130,6 +133,7 @@ class Node:
                 host, port = self.options.admin
                 self.admin = AdminServer(self, host, port, self.options.admin_token)
                 await nursery.start(self.admin.run)
+            await nursery.start(self.health.run)
             if self.cluster is not None:
                 await nursery.start(self.cluster.run)
             else:
@@ -268,6 +272,7 @@ class Node:
                     self._close_listener(rec)
             self._listeners = new_map
             self.runtimes = runtimes
+            self.health.sync(runtimes)
             self.config = config
             self.config_version = version
 
@@ -321,6 +326,10 @@ class Node:
         rec.scope.cancel()
         if rec.listener is not None:
             rec.listener.socket.close()
+        # Its idle keep-alive connections end now (in-flight requests finish, then close).
+        for conn in list(self.services.idle):
+            if conn.slot is rec.slot:
+                conn.wake_idle()
         log.info("lb %s: closed listener on port %d", rec.lb_name, rec.cfg.port)
 
     # -- views -----------------------------------------------------------------
@@ -352,6 +361,8 @@ class Node:
                             "address": t.address,
                             "weight": t.weight,
                             "health": "healthy" if t.healthy else "unhealthy",
+                            "breaker": t.breaker.state if t.breaker is not None else "disabled",
+                            "ejected": t.ejected_until > time.monotonic(),
                             "active_requests": t.active,
                             "requests_total": t.requests,
                             "pool_open": t.pool.open_connections,

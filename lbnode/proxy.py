@@ -36,7 +36,7 @@ from http import HTTPStatus
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -60,6 +60,9 @@ from lbnode.policy.request import RequestView
 from lbnode.policy.sticky import CookieAction, StickyPolicy
 from lbnode.runtime import LbRuntime, TargetState
 from lbnode.upstream import ConnectError, UpstreamConn
+
+if TYPE_CHECKING:
+    from lbnode.health import HealthManager
 
 log = logging.getLogger("lbnode.proxy")
 
@@ -111,6 +114,7 @@ class Services:
         self.node_id = node_id
         self.http_impl = http_impl
         self.access_log = access_log
+        self.health: HealthManager | None = None  # set by the node
         self.draining = False
         self.idle: set[DownstreamConnection] = set()
         self.active_connections = 0
@@ -404,7 +408,7 @@ class DownstreamConnection:
                 pinned = await lb.pins.get(key, now)
                 if pinned is not None:
                     t = group.by_id.get(pinned)
-                    if t is not None and t.healthy:
+                    if t is not None and t.available(now):
                         target = t
                         rec.pinned = True
                         await lb.pins.refresh(key, sticky.ttl, now)
@@ -417,11 +421,17 @@ class DownstreamConnection:
         if target is None:
             target = group.pick(view)
         if target is None:
+            if any(t.healthy and t.breaker is not None and t.breaker.state != "closed"
+                   for t in group.targets):  # fmt: skip
+                return await self._refuse(rec, 503, "circuit breaker open")
             return await self._refuse(rec, 503, "no healthy target")
+        health = self.svc.health
         try:
             conn = await target.pool.acquire(lb.connect_timeout)
         except ConnectError as exc:
             log.warning("lb %s: connect to %s (%s) failed: %s", lb.name, target.id, target.address, exc.reason)
+            if health is not None:
+                health.record(lb, target, 502, "connect", False)
             alt = group.pick(view, exclude=target)
             if alt is None:
                 return await self._refuse(rec, 502, f"bad gateway: {target.id}: {exc.reason}")
@@ -435,6 +445,8 @@ class DownstreamConnection:
                 conn = await target.pool.acquire(lb.connect_timeout)
             except ConnectError as exc2:
                 log.warning("lb %s: connect to %s (%s) failed: %s", lb.name, target.id, target.address, exc2.reason)
+                if health is not None:
+                    health.record(lb, target, 502, "connect", False)
                 return await self._refuse(rec, 502, f"bad gateway: {target.id}: {exc2.reason}")
         upgrade = wants_upgrade(req.headers)
         headers, rec.request_id = upstream_request_headers(
@@ -445,6 +457,8 @@ class DownstreamConnection:
             default_host=target.address.encode(),
         )
         rec.target = target.id
+        breaker = target.breaker
+        trial = breaker is not None and breaker.state == "half_open" and breaker.allow_trial()
         target.active += 1
         target.requests += 1
         if group.wants_record:  # a custom algorithm that tracks its own metrics
@@ -454,6 +468,10 @@ class DownstreamConnection:
             await self._exchange(conn, target, lb, req, headers, has_body, expect, upgrade, rec)
         finally:
             target.active -= 1
+            status = rec.status
+            if health is not None and status and status != 499:
+                kind = "ok" if status < 500 else "timeout" if status == 504 else "5xx"
+                health.record(lb, target, status, kind, trial)
             if group.wants_record:
                 group.algorithm.record(
                     target,

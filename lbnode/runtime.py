@@ -10,11 +10,14 @@ over by target id and address.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from lbnode.metrics import LbStats
 from lbnode.policy.access import AccessPolicy, NetworkSet, client_ip_from, parse_ip
 from lbnode.policy.balancing import Algorithm, make_algorithm
+from lbnode.policy.breaker import Breaker
 from lbnode.policy.keys import KeySpec
 from lbnode.policy.ratelimit import MemoryCounterStore, RateLimiter
 from lbnode.policy.request import RequestView
@@ -24,24 +27,43 @@ from lbnode.cluster.pins import AsyncPinStore, LocalPinStore
 from lbnode.upstream import UpstreamPool
 from lbshared.config import LoadBalancer, RateLimit, Target
 
+if TYPE_CHECKING:
+    from lbnode.health import LbHealth
+
 log = logging.getLogger("lbnode.runtime")
 
 
 class TargetState:
     """One target of one load balancer, with what the data path counts."""
 
-    __slots__ = ("id", "address", "host", "port", "weight", "active", "requests", "healthy", "pool")
+    __slots__ = (
+        "id", "address", "host", "port", "weight", "base_weight", "active", "requests",
+        "healthy", "pool", "breaker", "ejected_until", "trial_lease",
+    )  # fmt: skip
 
     def __init__(self, target: Target, pool: UpstreamPool) -> None:
         self.id = target.id
         self.address = target.address
         self.host = target.host
         self.port = target.port
-        self.weight = target.weight
+        self.weight = target.weight  # effective (slow start ramps it)
+        self.base_weight = target.weight
         self.active = 0  # requests in flight to this target
         self.requests = 0
-        self.healthy = True
+        self.healthy = True  # the cluster's view (active checks, overrides)
         self.pool = pool
+        self.breaker: Breaker | None = None
+        self.ejected_until = 0.0  # passive detection: out until then
+        self.trial_lease = True  # half-open breaker: this node may send trials
+
+    def available(self, now: float) -> bool:
+        """May a new request go here? Healthy, not ejected, breaker allowing."""
+        if not self.healthy or self.ejected_until > now:
+            return False
+        b = self.breaker
+        if b is None or b.state == "closed":
+            return True
+        return b.state == "half_open" and self.trial_lease and b.allows(now)
 
     def __repr__(self) -> str:
         return f"TargetState({self.id!r}, {self.address!r}, active={self.active})"
@@ -62,7 +84,8 @@ class TargetGroup:
         self.wants_record = bool(getattr(algorithm, "wants_record", False))
 
     def pick(self, view: RequestView, exclude: TargetState | None = None) -> TargetState | None:
-        candidates = [t for t in self.targets if t.healthy and t is not exclude]
+        now = time.monotonic()
+        candidates = [t for t in self.targets if t is not exclude and t.available(now)]
         if not candidates:
             return None
         key = self.key_spec.extract(view) if self.key_spec is not None else None
@@ -152,7 +175,7 @@ class LbRuntime:
                 )
                 ts = TargetState(t, pool)
             else:
-                ts.weight = t.weight
+                ts.weight = ts.base_weight = t.weight
             targets.append(ts)
         self.targets = targets
         self.by_id = {t.id: t for t in targets}
@@ -212,6 +235,7 @@ class LbRuntime:
             previous.counters if previous is not None else {}
         )
         self.stats = previous.stats if previous is not None else LbStats()
+        self.health: LbHealth | None = None  # set by the node's HealthManager
 
     def limiters_by_name(self) -> dict[str, RateLimiter]:
         out = {self.rules.matches[i].name: lim for i, lim in self.rule_limiters.items()}

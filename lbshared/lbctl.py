@@ -625,13 +625,17 @@ def _not_yet(command: str) -> Failure:
 
 
 def cmd_status(ctl: Ctl) -> int:
-    """``status NAME``: per-target health, breaker and traffic (not published yet)."""
-    raise _not_yet("status")
+    """``status NAME``: listeners, nodes, per-target health, breaker and traffic."""
+    from lbshared.lbctl_views import cmd_status as status  # imports this module
+
+    return status(ctl)
 
 
 def cmd_metrics(ctl: Ctl) -> int:
-    """``metrics NAME``: cluster and per-node traffic figures (not published yet)."""
-    raise _not_yet("metrics")
+    """``metrics NAME``: cluster-wide, per-node and per-target traffic figures."""
+    from lbshared.lbctl_views import cmd_metrics as metrics  # imports this module
+
+    return metrics(ctl)
 
 
 def cmd_health(ctl: Ctl) -> int:
@@ -764,4 +768,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # ``python -m lbshared.lbctl``: run the module under its own name, so that the modules
+    # that import ``lbshared.lbctl`` (lbctl_views) share its classes (Failure) with run().
+    from lbshared.lbctl import main as _main
+
+    raise SystemExit(_main())

@@ -8,7 +8,8 @@
 * ``pins``: ``AsyncPinStore`` for the data path; ``LocalPinStore``
   (standalone) and ``SharedPinStore`` (Redis with a local cache).
 
-See docs/cluster.md ("Shared state") for the bounds and the failure modes.
+See docs/cluster.md ("Shared rate limits", "Sticky sessions") for the bounds and
+the failure modes.
 """
 
 from __future__ import annotations

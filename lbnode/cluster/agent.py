@@ -20,14 +20,17 @@ reloads from the registry and the snapshots (always the state after the
 latest event), so a node that was away, or whose resume id fell behind the
 stream's trimming, never silently misses a change; while connected it
 follows the streams from the snapshots' ids, and before each read it checks
-that no stream was trimmed past its position (else it reloads).
+that no stream was trimmed past its position (else it reloads). A registry
+notice for a load balancer it does not follow yet also makes it reload.
 
-When Redis is unreachable nothing here blocks a request: the node keeps its
-last config, ``view.degraded`` turns rate limits into per-node shares and
-pins into the local cache, and ``/healthz`` says ``degraded``. When Redis
-comes back the heartbeat republishes membership, pin stores republish the
-pins in use, and the follower reloads; a Redis that came back *empty* has no
-config, and the node keeps its own and says so.
+When Redis is unreachable (or answers nothing ``STALL_TIMEOUT`` past a
+call's deadline, which drops the connection) nothing here blocks a request:
+the node keeps its last config, ``view.degraded`` turns rate limits into
+per-node shares and pins into the local cache, and ``/healthz`` says
+``degraded``. When Redis comes back the heartbeat republishes membership, pin
+stores republish the pins in use, and the follower reloads; a Redis that came
+back *empty* has no config, and the node keeps its own, says so and raises
+``lb:seq`` to its version, so the next change is newer than what it serves.
 """
 
 from __future__ import annotations
@@ -59,11 +62,11 @@ from lbshared.redis_trio import Backoff, RedisClient, RedisError
 from lbshared.store import (
     NODES_KEY,
     REGISTRY_EVENTS_KEY,
+    SEQ_KEY,
     RedisEventLog,
     config_stream,
     load_config_state,
     load_heartbeats,
-    load_snapshot,
     parse_id,
 )
 
@@ -77,6 +80,16 @@ HEARTBEAT_INTERVAL = 1.0
 STARTUP_WAIT = 3.0
 # A blocking read returns at least this often, to re-check trimming.
 FOLLOW_BLOCK = 5.0
+# A Redis that leaves a call unanswered this long past its deadline is treated as gone
+# (frozen, or a half-open connection): the connection is dropped and the node degraded.
+STALL_TIMEOUT = 1.0
+# Raises lb:seq to at least ARGV[1] (after Redis lost it), so versions stay monotonic.
+SEQ_FLOOR = """
+if (tonumber(redis.call('GET', KEYS[1]) or '0') or 0) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return 0
+"""
 STATS_INTERVAL = 2.0
 STATS_TTL = 30
 # ``request_rate`` in a stats summary covers about this many seconds (+ one interval).
@@ -112,6 +125,11 @@ class RateWindow:
         return {k: max(0, n - base.get(k, 0)) / span for k, n in counts.items()}, span
 
 
+def _breaker_state(target: Any) -> str:
+    breaker = getattr(target, "breaker", None)
+    return breaker.state if breaker is not None else "disabled"
+
+
 class ClusterPolicies(Policies):
     """Shared rate limiters and pin stores for the node's runtimes."""
 
@@ -142,8 +160,9 @@ class ClusterAgent:
         self.seed = seed
         self.view = ClusterView(node.node_id)
         self.client = RedisClient(
-            redis_url, name=f"lbnode:{node.node_id}", on_state_change=self._on_state
-        )
+            redis_url, name=f"lbnode:{node.node_id}", on_state_change=self._on_state,
+            stall_timeout=STALL_TIMEOUT,
+        )  # fmt: skip
         self.log = RedisEventLog(self.client)
         self.policies = ClusterPolicies(self)
         self.state: ConfigState = EMPTY
@@ -157,6 +176,7 @@ class ClusterAgent:
         self._reconnected = trio.Event()
         self._was_connected = False
         self._from_log = False
+        self._closing = False  # set by close(): no heartbeat may follow its HDEL
 
     # -- wiring ------------------------------------------------------------------
 
@@ -243,6 +263,7 @@ class ClusterAgent:
 
     async def close(self) -> None:
         """Take this node out of the live set at once (clean shutdown)."""
+        self._closing = True
         with trio.move_on_after(0.5):
             try:
                 await self.client.execute("HDEL", NODES_KEY, self.node.node_id)
@@ -273,6 +294,9 @@ class ClusterAgent:
                 "redis holds no configuration (restarted empty?): keeping config version %d",
                 self.node.config_version,
             )
+            # The next change must get a version above the one served here.
+            kept = str(self.node.config_version)
+            await self.client.execute("EVAL", SEQ_FLOOR, "1", SEQ_KEY, kept)
             return positions
         await self._apply(state)
         return positions
@@ -312,16 +336,16 @@ class ClusterAgent:
                 for stream, entry_id, event in events:
                     self.stream_lag = max(0.0, time.time() - parse_id(entry_id)[0] / 1000.0)
                     if isinstance(event, RegistryNotice):
-                        stream_name = config_stream(event.lb)
-                        if stream_name not in positions:
-                            snap = await load_snapshot(self.client, event.lb)
-                            if snap is not None:
-                                state = fold_config(state, snap.to_event(event.lb))
-                                positions[stream_name] = snap.stream_id
-                            else:
-                                positions[stream_name] = "0"
+                        if config_stream(event.lb) not in positions:
+                            # A load balancer we do not follow yet: new, or created in a
+                            # Redis that restarted empty (its versions may be below ours).
+                            # Reload it all from the snapshots: Redis's word, whole.
+                            positions = None
+                            break
                     elif isinstance(event, LbConfig | LbDeleted):
                         state = fold_config(state, event)
+                if positions is None:
+                    continue
                 if state is not self.state:
                     await self._apply(state)
             except RedisError as exc:
@@ -330,12 +354,26 @@ class ClusterAgent:
                 await trio.sleep(backoff.next())
 
     async def _trimmed_past(self, positions: dict[str, str]) -> bool:
-        for stream, pos in positions.items():
-            if stream == REGISTRY_EVENTS_KEY or pos in ("0", "0-0", "$"):
-                continue
-            first = await self.log.first_id(stream)
-            if first is not None and parse_id(first) > parse_id(pos):
-                log.warning("%s was trimmed past our position %s: reloading from snapshots", stream, pos)
+        """Whether entries after our position in some config stream were trimmed away:
+        its first entry is past our position, or it is empty while its last id is."""
+        streams = [s for s, pos in positions.items()
+                   if s != REGISTRY_EVENTS_KEY and pos not in ("0", "0-0", "$")]  # fmt: skip
+        if not streams:
+            return False
+        replies = await self.client.pipeline([("XINFO", "STREAM", s) for s in streams])
+        for stream, info in zip(streams, replies, strict=True):
+            if not isinstance(info, list):
+                continue  # no such stream (an error reply): nothing to miss
+            fields = dict(zip(info[0::2], info[1::2], strict=False))
+            first, last = fields.get(b"first-entry"), fields.get(b"last-generated-id")
+            pos = parse_id(positions[stream])
+            if first:
+                missed = parse_id(first[0].decode()) > pos
+            else:
+                missed = isinstance(last, bytes) and parse_id(last.decode()) > pos
+            if missed:
+                log.warning("%s was trimmed past our position %s: reloading from snapshots",
+                            stream, positions[stream])  # fmt: skip
                 return True
         return False
 
@@ -357,6 +395,8 @@ class ClusterAgent:
                 pid=os.getpid(),
                 version=__version__,
             )
+            if self._closing:
+                return  # (checked with no checkpoint before the HSET is queued)
             try:
                 await self.client.execute("HSET", NODES_KEY, node.node_id, beat.to_json())
                 beats = await load_heartbeats(self.client, now)
@@ -382,8 +422,8 @@ class ClusterAgent:
         Besides ``stats`` (cumulative, mergeable) a summary holds the LB's
         ``requests_total`` (requests answered) and ``request_rate`` (per second
         over the last ``rate_window`` seconds, about ``RATE_WINDOW``), and per
-        target ``active`` (in flight), ``healthy``, ``requests_total`` (sent to
-        it) and ``request_rate``."""
+        target ``active`` (in flight), ``healthy``, ``breaker`` (closed, open,
+        half_open or disabled), ``requests_total`` (sent to it) and ``request_rate``."""
         windows: dict[str, RateWindow] = {}
         last = time.monotonic()
         while True:
@@ -413,6 +453,7 @@ class ClusterAgent:
                         t.id: {
                             "active": t.active,
                             "healthy": t.healthy,
+                            "breaker": _breaker_state(t),
                             "requests_total": t.requests,
                             "request_rate": round(rates[t.id], 3),
                         }

@@ -26,7 +26,7 @@ Two modes, chosen per limit by ``rate_limit.mode``.
     ``max(1, limit // (10 * live_nodes))``: a tenth of a node's fair share,
     large enough that a steady client costs one event per period, small
     enough that a burst cannot hide more than 10 % of the share
-    (docs/cluster-shared-state.md derives the overshoot bound).
+    (docs/cluster.md, "Shared rate limits", derives the overshoot bound).
 
     Clocks. The stores run on *cluster time*, ``monotonic() + clock_offset``
     (``ClusterView.clock_offset``, computed once per process): it never jumps

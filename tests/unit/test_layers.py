@@ -26,7 +26,7 @@ FORBIDDEN_LBNODE = ("lbnode.proxy", "lbnode.node", "lbnode.upstream", "lbnode.li
 LBSHARED_PURE = ("__init__", "config", "durations", "errors", "docgen", "events", "projections",
                  "redis_url")  # fmt: skip
 # I/O: the trio Redis client, the event-log store, publishing over Redis, lbctl.
-LBSHARED_IO = ("redis_trio", "store", "publish", "lbctl")
+LBSHARED_IO = ("redis_trio", "store", "publish", "lbctl", "lbctl_views")
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
