@@ -117,7 +117,13 @@ class Result:
     threads: int
     direct: Measurement | None = None
     proxied: Measurement | None = None
+    bare: Measurement | None = None  # bench/bare_proxy.py: a bare trio + h11 proxy
     error: str | None = None
+
+    def ratio_bare(self) -> float | None:
+        if self.bare is None or self.proxied is None or not self.bare.rps:
+            return None
+        return self.proxied.rps / self.bare.rps
 
     def ratio_rps(self) -> float | None:
         if self.direct is None or self.proxied is None or not self.direct.rps:
@@ -133,6 +139,7 @@ class Result:
         doc = asdict(self)
         doc["ratio_rps"] = self.ratio_rps()
         doc["added_p50_ms"] = self.added_p50_ms()
+        doc["ratio_bare"] = self.ratio_bare()
         return doc
 
 
@@ -244,6 +251,17 @@ def lb_config(
     }
     lb.update(extra)
     return {"load_balancers": [lb]}
+
+
+@contextmanager
+def bare_proxy(backend_port: int) -> Iterator[int]:
+    """Start bench/bare_proxy.py (trio + h11, nothing else) in front of the backend."""
+    port = free_port()
+    argv = [sys.executable, str(BENCH_DIR / "bare_proxy.py"), "--port", str(port),
+            "--upstream", f"{HOST}:{backend_port}"]  # fmt: skip
+    with child(argv, "bare_proxy") as (proc, log):
+        wait_until(lambda: port_open(port), proc, log, "bare_proxy")
+        yield port
 
 
 @contextmanager
@@ -408,6 +426,13 @@ def run_all(
                 )
         if direct_only:
             return list(results.values())
+        with bare_proxy(backend_port) as bare_port:
+            for scenario in scenarios:
+                if scenario.direct and not scenario.lb_extra and not scenario.node_args:
+                    say(f"bare     {scenario.name} ...")
+                    results[scenario.name].bare = measure(
+                        gen, bare_port, scenario, duration, warmup
+                    )
         groups: dict[str, list[Scenario]] = {}
         for scenario in scenarios:
             groups.setdefault(scenario.node_key(), []).append(scenario)
@@ -435,6 +460,7 @@ def format_table(results: Sequence[Result]) -> str:
     header = (
         "scenario", "direct rps", "p50 ms", "p99 ms",
         "proxied rps", "p50 ms", "p99 ms", "proxied/direct", "added p50 ms",
+        "bare h11 rps", "lbnode/bare",
     )  # fmt: skip
     rows = [header]
     for r in results:
@@ -447,6 +473,8 @@ def format_table(results: Sequence[Result]) -> str:
             _fmt(p and p.rps, ",.0f"), _fmt(p and p.p50_ms, ".3f"), _fmt(p and p.p99_ms, ".3f"),
             "-" if ratio is None else f"{ratio:.2f}x",
             "-" if added is None else f"{added:+.3f}",
+            _fmt(r.bare and r.bare.rps, ",.0f"),
+            "-" if r.ratio_bare() is None else f"{r.ratio_bare():.2f}x",
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = []

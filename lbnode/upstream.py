@@ -30,6 +30,8 @@ RECEIVE_SIZE = 65536
 DEFAULT_IDLE_TTL = 30.0
 
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+# Idle for less than this, a pooled connection is reused without the peek.
+PEEK_AFTER = 1.0
 
 
 class ConnectError(Exception):
@@ -144,7 +146,11 @@ class UpstreamPool:
             now = time.monotonic()
             while idle:
                 conn = idle.pop()
-                if now - conn.idle_since < self.idle_ttl and conn.looks_alive():
+                idle_for = now - conn.idle_since
+                # The peek (a syscall) is skipped for a connection used within the
+                # last PEEK_AFTER seconds: an upstream closing a connection it
+                # just served says so with Connection: close, which never pools.
+                if idle_for < self.idle_ttl and (idle_for < PEEK_AFTER or conn.looks_alive()):
                     conn.reused = True
                     await trio.lowlevel.checkpoint()
                     return conn
