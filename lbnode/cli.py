@@ -8,6 +8,7 @@ Every flag also reads an environment variable (``LB_CONFIG``,
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import socket
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="access log: '-' stdout (default), a file path, or 'off'; env LB_ACCESS_LOG")
     p.add_argument("--log-level", default=_env("LB_LOG_LEVEL", "info"), metavar="LEVEL",
                    help="debug, info, warning or error (any case); env LB_LOG_LEVEL")
+    p.add_argument("--log-format", default=_env("LB_LOG_FORMAT", "text"), metavar="text|json",
+                   help="event log lines as text (default) or one JSON object a line; "
+                   "env LB_LOG_FORMAT")
     p.add_argument("--workers", default=_env("LB_WORKERS", "1"), metavar="N|auto",
                    help="worker processes sharing the listeners (default 1); env LB_WORKERS")
     p.add_argument("--drain-timeout", default=_env("LB_DRAIN_TIMEOUT", f"{DEFAULT_DRAIN_TIMEOUT:g}s"),
@@ -64,6 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="validate the config and exit (0 valid, 1 invalid)")
     return p
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object a line: ts, level, logger, node, msg (and exc)."""
+
+    def __init__(self, node_id: str | None) -> None:
+        super().__init__()
+        self.node_id = node_id
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "node": self.node_id,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, separators=(",", ":"))
 
 
 def default_config_text() -> str:
@@ -80,11 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     level = str(args.log_level).strip().lower()
     if level not in LOG_LEVELS:
         return _fail(f"--log-level: {args.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    log_format = str(args.log_format).strip().lower()
+    if log_format not in ("text", "json"):
+        return _fail(f"--log-format: {args.log_format!r} is not text or json")
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter(args.node_id))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
     config_path = Path(args.config) if args.config else None
     try:

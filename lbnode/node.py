@@ -275,6 +275,11 @@ class Node:
             self.health.sync(runtimes)
             self.config = config
             self.config_version = version
+            log.info(
+                "applied config version %d: %s",
+                version,
+                ", ".join(sorted(runtimes)) or "no load balancers",
+            )
 
     def _make_slot(self, rt: LbRuntime, lst: Listener) -> ListenerSlot:
         scheme = b"https" if lst.protocol == "https" else b"http"

@@ -143,6 +143,24 @@ def test_bad_log_level_is_refused(tmp_path: Any) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_json_event_logs(launcher: Launcher, a: Backend) -> None:
+    n = launcher.node(one_lb([a]), "--log-format", "JSON", access_log="off", node_id="jlog")
+    assert n.stop() == 0
+    records = [json.loads(line) for line in n.stderr.read_text().splitlines() if line.strip()]
+    assert records and all(set(r) >= {"ts", "level", "logger", "node", "msg"} for r in records)
+    assert all(r["node"] == "jlog" for r in records)
+    msgs = [r["msg"] for r in records]
+    assert any(m.startswith("applied config version 1") for m in msgs)
+    assert "drained" in msgs
+
+
+def test_bad_log_format_is_refused(tmp_path: Any) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(one_lb([], free_port())))
+    done = run_lbnode("--config", str(cfg), "--log-format", "xml")
+    assert done.returncode == 2 and done.stderr.startswith("lbnode: --log-format:")
+
+
 def test_admin_off_loopback_needs_a_token(tmp_path: Any) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(one_lb([], free_port())))
