@@ -73,6 +73,10 @@ TEXT_PLAIN = (b"content-type", b"text/plain; charset=utf-8")
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
+class _TryElsewhere(Exception):
+    """A reused connection's target refused a fresh connect: pick another."""
+
+
 class ClientGone(Exception):
     """The downstream client closed, reset or stalled: nobody to answer."""
 
@@ -465,7 +469,31 @@ class DownstreamConnection:
             group.algorithm.record(target, Metrics(target.active))
         t_start = time.monotonic()
         try:
-            await self._exchange(conn, target, lb, req, headers, has_body, expect, upgrade, rec)
+            try:
+                await self._exchange(conn, target, lb, req, headers, has_body, expect, upgrade, rec)
+            except _TryElsewhere as gone:
+                # A request without body whose target died under its pooled
+                # connection: nothing was processed, so another target may serve it.
+                if health is not None:
+                    health.record(lb, target, 502, "connect", False)
+                alt = group.pick(view, exclude=target)
+                alt_conn = None
+                if alt is not None:
+                    try:
+                        alt_conn = await alt.pool.acquire(lb.connect_timeout)
+                    except ConnectError:
+                        alt_conn = None
+                if alt is None or alt_conn is None:
+                    return await self._refuse(rec, 502, f"bad gateway: {target.id}: {gone}")
+                target.active -= 1
+                target = alt
+                target.active += 1
+                target.requests += 1
+                rec.target = target.id
+                trial = False
+                await self._exchange(
+                    alt_conn, target, lb, req, headers, has_body, expect, upgrade, rec, again=True
+                )
         finally:
             target.active -= 1
             status = rec.status
@@ -489,6 +517,8 @@ class DownstreamConnection:
         expect: bool,
         upgrade: bytes | None,
         rec: _Outcome,
+        *,
+        again: bool = False,
     ) -> None:
         dproto = self.proto
         released = False
@@ -498,9 +528,10 @@ class DownstreamConnection:
             head = up.send_request(req.method, req.target, headers)
             body_sent = True
             if not has_body:
-                ev = dproto.next_event()  # the empty body's EndOfMessage
-                if type(ev) is not EndOfMessage:
-                    raise ClientGone("unexpected event after a request without body")
+                if not again:
+                    ev = dproto.next_event()  # the empty body's EndOfMessage
+                    if type(ev) is not EndOfMessage:
+                        raise ClientGone("unexpected event after a request without body")
                 try:
                     await _up_send(conn, head + up.send_end())
                     resp = await self._response_head(conn, lb, upgrade)
@@ -510,7 +541,12 @@ class DownstreamConnection:
                     # A pooled connection the upstream had closed: nothing was
                     # processed, so one fresh attempt is safe.
                     conn.pool.release(conn, False)
-                    conn = await self._reconnect(target, lb)
+                    released = True
+                    try:
+                        conn = await self._reconnect(target, lb)
+                    except ConnectError as cexc:  # the target died: another one may serve it
+                        raise _TryElsewhere(cexc.reason) from None
+                    released = False
                     up = conn.proto
                     await _up_send(conn, up.send_request(req.method, req.target, headers) + up.send_end())
                     resp = await self._response_head(conn, lb, upgrade)

@@ -31,7 +31,10 @@ DEFAULT_IDLE_TTL = 30.0
 
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 # Idle for less than this, a pooled connection is reused without the peek.
-PEEK_AFTER = 1.0
+# Zero: always peek. Skipping it for recently used connections saved ~1.6 %
+# CPU but sent the first request after a backend died onto its dead
+# connection (a 502 when the retry on the same target was refused).
+PEEK_AFTER = 0.0
 
 
 class ConnectError(Exception):
@@ -147,9 +150,8 @@ class UpstreamPool:
             while idle:
                 conn = idle.pop()
                 idle_for = now - conn.idle_since
-                # The peek (a syscall) is skipped for a connection used within the
-                # last PEEK_AFTER seconds: an upstream closing a connection it
-                # just served says so with Connection: close, which never pools.
+                # The peek (one syscall) finds connections the upstream closed
+                # or reset while they sat idle (a backend that died).
                 if idle_for < self.idle_ttl and (idle_for < PEEK_AFTER or conn.looks_alive()):
                     conn.reused = True
                     await trio.lowlevel.checkpoint()

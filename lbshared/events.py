@@ -27,7 +27,7 @@ build does not know), bad JSON or a payload that fails validation all raise
 ``BadEvent(reason)``. Readers count it in a ``SkipCounter``, log it once in a
 while, and go on with the next entry: one bad entry must never stop a node.
 
-Adding an event type (the health issue adds several): define a model deriving
+Adding an event type (the health issue added several): define a model deriving
 from ``_EventBase`` with a ``type: Literal[...]`` field and add it to
 ``_EVENT_MODELS``; ``Event``, ``EVENT_TYPES`` and ``decode`` follow.
 
@@ -58,6 +58,8 @@ from lbshared.config import LoadBalancer, lb_to_dict
 __all__ = [
     "ENVELOPE_VERSION", "EVENT_TYPES", "BadEvent", "Envelope", "Event", "Heartbeat", "LbConfig",
     "LbDeleted", "Pin", "RateDelta", "RegistryNotice", "SkipCounter", "Snapshot", "Unpin",
+    "HEALTH_EVENT_MODELS", "BreakerTransition", "CircuitClosed", "CircuitHalfOpen", "CircuitOpen",
+    "HealthOverride", "HealthTransition", "Healthy", "OutcomeDelta", "ProbeVerdict", "Unhealthy",
     "config_event", "decode", "decode_notice", "encode", "encode_data",
 ]  # fmt: skip
 
@@ -158,13 +160,112 @@ class Unpin(_EventBase):
     session: str = Field(description="The session cookie value.")
 
 
+# -- health and circuit breakers (lb:{NAME}:state inputs, lb:{NAME}:health transitions) ----------
+
+#: One breaker outcome delta: (target, successes, errors, bucket_start in epoch seconds).
+OutcomeEntry = tuple[str, Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)], float]
+
+
+class ProbeVerdict(_EventBase):
+    """A prober's hysteresis about ``target`` changed state (its verdict, on ``lb:{NAME}:state``)."""
+
+    type: Literal["probe_verdict"] = "probe_verdict"
+    target: str = Field(min_length=1, description="The target id.")
+    prober: str = Field(min_length=1, description="The probing node.")
+    state: Literal["healthy", "unhealthy"] = Field(description="The prober's new verdict.")
+    reason: str = Field(default="", description="Why (the last failure, or the successes).")
+
+
+class OutcomeDelta(_EventBase):
+    """Request outcomes (for the circuit breakers) a node counted since its last batch."""
+
+    type: Literal["outcome_delta"] = "outcome_delta"
+    node: str = Field(min_length=1, description="The node that counted them.")
+    deltas: tuple[OutcomeEntry, ...] = Field(description="(target, ok, errors, bucket_start).")
+
+
+class HealthOverride(_EventBase):
+    """An operator override of a target's health: ``up``, ``down`` or ``auto`` (none)."""
+
+    type: Literal["health_override"] = "health_override"
+    target: str = Field(min_length=1, description="The target id.")
+    mode: Literal["up", "down", "auto"] = Field(description="The override.")
+
+
+class _Committed(_EventBase):
+    """A transition committed on ``lb:{NAME}:health`` (compare-and-set on ``generation``)."""
+
+    target: str = Field(min_length=1, description="The target id.")
+    reason: str = Field(default="", description="Why it changed.")
+    generation: int = Field(ge=1, description="The target's health or breaker generation.")
+    node: str = Field(min_length=1, description="The node that committed it.")
+
+
+class _HealthCommitted(_Committed):
+    voted: Literal["healthy", "unhealthy"] | None = Field(
+        default=None, description="The probers' vote under an override (None: the state)."
+    )
+
+
+class Healthy(_HealthCommitted):
+    """The cluster's view of ``target`` turned healthy."""
+
+    type: Literal["healthy"] = "healthy"
+
+
+class Unhealthy(_HealthCommitted):
+    """The cluster's view of ``target`` turned unhealthy."""
+
+    type: Literal["unhealthy"] = "unhealthy"
+
+
+class _BreakerCommitted(_Committed):
+    transition: str = Field(default="", description="trip, probe, close or reopen.")
+    wait: float = Field(default=0.0, ge=0, allow_inf_nan=False,
+                        description="circuit_open: seconds it stays open.")  # fmt: skip
+
+
+class CircuitOpen(_BreakerCommitted):
+    """``target``'s circuit breaker opened (or reopened) cluster-wide."""
+
+    type: Literal["circuit_open"] = "circuit_open"
+
+
+class CircuitHalfOpen(_BreakerCommitted):
+    """``target``'s circuit breaker lets trial requests through."""
+
+    type: Literal["circuit_half_open"] = "circuit_half_open"
+
+
+class CircuitClosed(_BreakerCommitted):
+    """``target``'s circuit breaker closed again."""
+
+    type: Literal["circuit_closed"] = "circuit_closed"
+
+
+#: The events of ``lb:{NAME}:health`` (what the websocket feed and ``lbctl events`` show).
+HealthTransition = Healthy | Unhealthy | CircuitOpen | CircuitHalfOpen | CircuitClosed
+BreakerTransition = CircuitOpen | CircuitHalfOpen | CircuitClosed
+
 #: Every event model this build knows, in one place (add new types here).
-_EVENT_MODELS: tuple[type[_EventBase], ...] = (LbConfig, LbDeleted, RateDelta, Pin, Unpin)
+_EVENT_MODELS: tuple[type[_EventBase], ...] = (
+    LbConfig, LbDeleted, RateDelta, Pin, Unpin, ProbeVerdict, OutcomeDelta, HealthOverride,
+    Healthy, Unhealthy, CircuitOpen, CircuitHalfOpen, CircuitClosed,
+)  # fmt: skip
 
 Event = Annotated[
-    Union[LbConfig, LbDeleted, RateDelta, Pin, Unpin],  # noqa: UP007 - kept in step with the tuple
+    Union[  # noqa: UP007 - kept in step with the tuple
+        LbConfig, LbDeleted, RateDelta, Pin, Unpin, ProbeVerdict, OutcomeDelta, HealthOverride,
+        Healthy, Unhealthy, CircuitOpen, CircuitHalfOpen, CircuitClosed,
+    ],
     Field(discriminator="type"),
 ]
+
+#: ``type`` -> model of the committed health/breaker transitions.
+HEALTH_EVENT_MODELS: Mapping[str, type[_Committed]] = {
+    m.model_fields["type"].default: m
+    for m in (Healthy, Unhealthy, CircuitOpen, CircuitHalfOpen, CircuitClosed)
+}
 
 #: ``type`` string -> model.
 EVENT_TYPES: Mapping[str, type[_EventBase]] = {

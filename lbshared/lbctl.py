@@ -22,7 +22,7 @@ failure is one line on stderr, ``lbctl: ...``, and a non-zero exit code:
 * 0 - done;
 * 1 - refused or failed: invalid config, unknown load balancer or target,
   conflicts that would not settle, a Redis error reply;
-* 2 - usage: bad arguments or URL, or a command this build cannot run yet;
+* 2 - usage: bad arguments or URL;
 * 3 - Redis unreachable (refused, timed out, bad credentials).
 """
 
@@ -45,7 +45,16 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from lbshared.config import Config, ConfigError, LoadBalancer, lb_to_dict, load_config, parse_config
-from lbshared.events import BadEvent, Heartbeat, LbConfig, Snapshot, decode
+from lbshared.events import (
+    HEALTH_EVENT_MODELS,
+    BadEvent,
+    HealthOverride,
+    Heartbeat,
+    LbConfig,
+    Snapshot,
+    decode,
+    encode,
+)
 from lbshared.publish import VersionConflict, publish_config
 from lbshared.redis_url import RedisAddress, parse_url
 from lbshared.store import (
@@ -54,10 +63,13 @@ from lbshared.store import (
     NODES_KEY,
     REGISTRY_EVENTS_KEY,
     REGISTRY_KEY,
+    STATE_RETENTION,
     config_stream,
+    health_stream,
     meta_key,
     parse_id,
     snapshot_key,
+    state_stream,
 )
 
 __all__ = ["DEFAULT_URL", "EXIT_FAILED", "EXIT_UNREACHABLE", "EXIT_USAGE", "Failure", "main", "run"]
@@ -94,6 +106,17 @@ class Failure(Exception):
 
 def _no_lb(name: str) -> Failure:
     return Failure(f"no load balancer named {name!r}")
+
+
+def healthstate_key(name: str) -> str:
+    """HASH of the committed health and breaker states of ``name``'s targets (the nodes'
+    ``lbnode.cluster.health.healthstate_key``; lbshared may not import lbnode)."""
+    return f"lb:{{{name}}}:healthstate"
+
+
+def overrides_key(name: str) -> str:
+    """HASH target -> ``up``/``down`` of ``name`` (absent: ``auto``)."""
+    return f"lb:{{{name}}}:overrides"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -522,6 +545,9 @@ def _event_line(ctl: Ctl, stream: str, entry_id: str, fields: dict[Any, Any]) ->
     except BadEvent as exc:
         ctl.warn(f"skipped malformed entry {entry_id} in {stream} ({exc})")
         return
+    if event.type in HEALTH_EVENT_MODELS:
+        _health_event_line(ctl, entry_id, event)
+        return
     version = getattr(event, "version", None)
     if ctl.args.json:
         record: dict[str, Any] = {
@@ -546,8 +572,21 @@ def _event_line(ctl: Ctl, stream: str, entry_id: str, fields: dict[Any, Any]) ->
     ctl.say(line)
 
 
+def _health_event_line(ctl: Ctl, entry_id: str, event: Any) -> None:
+    """One entry of ``lb:{NAME}:health``: a committed health or breaker transition."""
+    if ctl.args.json:
+        ctl.say(json.dumps({"id": entry_id, "lb": event.lb, "type": event.type,
+                            "target": event.target, "reason": event.reason, "at": event.at,
+                            "node": event.node, "generation": event.generation}))  # fmt: skip
+        return
+    reason = f": {event.reason}" if event.reason else ""
+    ctl.say(f"{entry_id} {_iso(event.at)} {event.lb} {event.type} {event.target}"
+            f" by {event.node}{reason}")  # fmt: skip
+
+
 def cmd_events(ctl: Ctl) -> int:
-    """Config events of one or all load balancers, oldest first; ``--follow`` waits for more.
+    """Config and health events of one or all load balancers, oldest first; ``--follow``
+    waits for more.
 
     Ctrl-C ends it with exit code 0.
     """
@@ -584,14 +623,14 @@ def _print_history(ctl: Ctl, since: str) -> dict[str, str]:
         names = _config_stream_names(r)
     entries: list[tuple[tuple[int, int], str, str, dict[Any, Any]]] = []
     for name in sorted(names):
-        stream = config_stream(name)
-        if since == "$":
-            positions[stream] = _last_id(r, stream)
-            continue
-        positions[stream] = since
-        for entry_id, fields in _history(r, stream, since):
-            entries.append((parse_id(entry_id), stream, entry_id, fields))
-            positions[stream] = entry_id
+        for stream in (config_stream(name), health_stream(name)):
+            if since == "$":
+                positions[stream] = _last_id(r, stream)
+                continue
+            positions[stream] = since
+            for entry_id, fields in _history(r, stream, since):
+                entries.append((parse_id(entry_id), stream, entry_id, fields))
+                positions[stream] = entry_id
     entries.sort(key=lambda e: e[0])
     for _key, stream, entry_id, fields in entries:
         _event_line(ctl, stream, entry_id, fields)
@@ -612,16 +651,12 @@ def _follow(ctl: Ctl, positions: dict[str, str]) -> None:
                     lb = _text(fields.get(b"lb", b"")) if fields else ""
                     if lb and config_stream(lb) not in positions:
                         positions[config_stream(lb)] = "0-0"  # a load balancer new to us
+                        positions[health_stream(lb)] = "0-0"
                     continue
                 _event_line(ctl, stream, entry_id, fields or {})
 
 
-# -- commands of later issues ------------------------------------------------------------------
-
-
-def _not_yet(command: str) -> Failure:
-    return Failure(f"{command!r} needs the nodes' stats, which this build does not publish yet",
-                   EXIT_USAGE)  # fmt: skip
+# -- status, metrics, health (what the nodes publish) -----------------------------------------
 
 
 def cmd_status(ctl: Ctl) -> int:
@@ -639,17 +674,45 @@ def cmd_metrics(ctl: Ctl) -> int:
 
 
 def cmd_health(ctl: Ctl) -> int:
-    """``health NAME`` or ``health set NAME TARGET up|down|auto`` (not published yet)."""
+    """``health NAME``: each target's cluster-wide health, override, breaker and last
+    probes; ``health set NAME TARGET up|down|auto``: override a target for the cluster."""
     words: list[str] = ctl.args.words
     if words[0] == "set":
         if len(words) != 4:
             raise Failure("usage: lbctl health set NAME TARGET up|down|auto", EXIT_USAGE)
         if words[3] not in ("up", "down", "auto"):
             raise Failure(f"health set: {words[3]!r} is not up, down or auto", EXIT_USAGE)
-        raise _not_yet("health set")
+        return _health_set(ctl, words[1], words[2], words[3])
     if len(words) != 1:
         raise Failure("usage: lbctl health NAME | health set NAME TARGET up|down|auto", EXIT_USAGE)
-    raise _not_yet("health")
+    from lbshared.lbctl_views import cmd_health as health  # imports this module
+
+    return health(ctl, words[0])
+
+
+def _health_set(ctl: Ctl, name: str, target: str, mode: str) -> int:
+    """Store the override (``lb:{NAME}:overrides``; ``auto`` removes it) and announce it
+    on ``lb:{NAME}:state`` in one transaction: every node applies it within milliseconds,
+    a node that starts (or reconnects) later reads the hash."""
+    r = ctl.r
+    _version, lb = _read_lb(r, name)
+    if lb is None:
+        raise _no_lb(name)
+    if not any(t.id == target for t in lb.targets):
+        raise Failure(f"no target {target!r} in load balancer {name!r}")
+    now = ctl.clock()
+    event = HealthOverride(lb=name, origin=ORIGIN, at=now, target=target,
+                           mode=mode)  # type: ignore[arg-type]  # fmt: skip
+    pipe = r.pipeline(transaction=True)
+    if mode == "auto":
+        pipe.hdel(overrides_key(name), target)
+    else:
+        pipe.hset(overrides_key(name), target, mode)
+    minid = f"{max(0, int((now - STATE_RETENTION) * 1000))}-0"
+    pipe.xadd(state_stream(name), encode(event), minid=minid, approximate=True)  # type: ignore[arg-type]
+    pipe.execute()
+    ctl.say(f"set health of {target} in {name} to {mode}")
+    return EXIT_OK
 
 
 # -- the parser --------------------------------------------------------------------------------
@@ -697,7 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("words", nargs="+", metavar="NAME | set NAME TARGET up|down|auto")
     p = command("metrics", cmd_metrics, "traffic figures of a load balancer", json_flag=True)
     p.add_argument("name", metavar="NAME")
-    p = command("events", cmd_events, "config events, oldest first", json_flag=True)
+    p = command("events", cmd_events, "config and health events, oldest first", json_flag=True)
     p.add_argument("--lb", metavar="NAME", help="only this load balancer")
     p.add_argument("--follow", "-f", action="store_true", help="wait for more (Ctrl-C ends)")
     p.add_argument(

@@ -1,4 +1,5 @@
-"""``lbctl status NAME`` and ``lbctl metrics NAME``: a load balancer as its nodes see it.
+"""``lbctl status NAME``, ``lbctl metrics NAME`` and ``lbctl health NAME``: a load
+balancer as its nodes see it.
 
 Theory of operation
 -------------------
@@ -32,11 +33,19 @@ A summary older than ``STATS_FRESH`` seconds (its node died, or cannot reach
 Redis) is left out with a warning; one older than ``NODE_EXPIRY`` is also
 deleted from the hash, as ``lbctl nodes`` deletes old heartbeats.
 
+``health NAME`` takes each target's state from what the cluster committed
+(``lb:{NAME}:healthstate``: the last ``healthy``/``unhealthy`` and breaker
+transition, written by the node that announced it) and its override from
+``lb:{NAME}:overrides``; the nodes' summaries add what only they know: the
+last probe results of each prober, the current probers, local ejections,
+and the state of targets that never changed (no committed transition yet).
+
 The figure-making functions (``parse_summary``, ``read_summaries``,
-``metrics_view``, ``status_view``, ``quantile``) are pure: they take decoded
-data and the time, and touch no Redis; ``cmd_status`` and ``cmd_metrics`` do
-the reading (one ``HGETALL`` of the stats hash, one of ``lb:nodes``, the
-load balancer's meta and snapshot) and the printing.
+``metrics_view``, ``status_view``, ``health_view``, ``quantile``) are pure:
+they take decoded data and the time, and touch no Redis; ``cmd_status``,
+``cmd_metrics`` and ``cmd_health`` do the reading (one ``HGETALL`` of the
+stats hash, one of ``lb:nodes``, the load balancer's meta and snapshot; for
+health the two health hashes) and the printing.
 """
 
 from __future__ import annotations
@@ -48,13 +57,25 @@ from typing import Any
 
 from lbshared.config import LoadBalancer
 from lbshared.events import Heartbeat
-from lbshared.lbctl import EXIT_OK, Ctl, _json, _listeners, _no_lb, _read_lb, _table, _text
+from lbshared.lbctl import (
+    EXIT_OK,
+    Ctl,
+    _iso,
+    _json,
+    _listeners,
+    _no_lb,
+    _read_lb,
+    _table,
+    _text,
+    healthstate_key,
+    overrides_key,
+)
 from lbshared.store import LIVE_WINDOW, NODE_EXPIRY, NODES_KEY
 
 __all__ = [
-    "BUCKETS", "QUANTILES", "STATS_FRESH", "BadSummary", "NodeSummary", "Totals", "cmd_metrics",
-    "cmd_status", "metrics_view", "parse_summary", "quantile", "read_summaries", "stats_key",
-    "status_view",
+    "BUCKETS", "QUANTILES", "STATS_FRESH", "BadSummary", "NodeSummary", "Totals", "cmd_health",
+    "cmd_metrics", "cmd_status", "health_view", "metrics_view", "parse_summary", "quantile",
+    "read_summaries", "stats_key", "status_view",
 ]  # fmt: skip
 
 #: Latency bucket upper bounds in seconds (the last bucket, +Inf, is implied). The same
@@ -72,6 +93,10 @@ STATS_FRESH = 10.0
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 #: Breaker states, the worst first: the cluster shows the worst any node reports.
 BREAKER_ORDER = ("open", "half_open", "closed")
+#: ``health NAME`` shows this many probe results per target (the newest, over all probers).
+PROBES_SHOWN = 6
+_BREAKER_OF_EVENT = {"circuit_open": "open", "circuit_half_open": "half_open",
+                     "circuit_closed": "closed"}  # fmt: skip
 
 _N_BUCKETS = len(BUCKETS) + 1
 
@@ -352,6 +377,79 @@ def status_view(name: str, version: int, lb: LoadBalancer, beats: Iterable[Heart
             "targets": targets}  # fmt: skip
 
 
+def _json_field(raw: Any) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def health_view(lb: LoadBalancer, stored: Mapping[str, Any], overrides: Mapping[str, Any],
+                summaries: Iterable[NodeSummary]) -> list[dict[str, Any]]:  # fmt: skip
+    """``health NAME --json``: one entry per target, in config order.
+
+    ``{"target", "state", "since", "override", "breaker", "last_probes", "reason",
+    "probers", "ejected_on", "nodes"}``. ``state``/``since``/``reason``: the last committed
+    transition; before any, what the nodes report (all agreeing, else ``mixed``), else the
+    configured initial state. ``override``: ``up``, ``down`` or ``auto``. ``breaker``: the
+    last committed breaker transition (``closed`` before any; ``disabled`` without a
+    ``circuit_breaker``). ``last_probes``: the newest ``PROBES_SHOWN`` probe results over
+    all probers, oldest first (``{"at", "ok", "reason", "status", "latency_ms", "node"}``).
+    ``ejected_on``: nodes that eject the target locally (passive detection).
+    ``nodes``: each reporting node's own view of the state.
+    """
+    summaries = list(summaries)
+    hc = lb.health_check
+    initial = hc.initial_state if hc is not None and hc.enabled else "healthy"
+    cb = lb.circuit_breaker
+    breaker_enabled = cb is not None and cb.enabled
+    out = []
+    for t in lb.targets:
+        published = [(s.node, s.targets[t.id]) for s in summaries if t.id in s.targets]
+        by_node = {node: str(p["health"]) for node, p in published if isinstance(p.get("health"), str)}
+        committed = _json_field(stored.get(f"hstate:{t.id}"))
+        override = _text(overrides.get(t.id, b"auto"))
+        if committed is not None and committed.get("state") in ("healthy", "unhealthy"):
+            state = str(committed["state"])
+            since: float | None = committed.get("at")
+            reason = str(committed.get("reason", ""))
+        else:
+            states = set(by_node.values())
+            state = states.pop() if len(states) == 1 else ("mixed" if states else initial)
+            if override in ("up", "down") and not by_node:
+                state = "healthy" if override == "up" else "unhealthy"
+            sinces = [p["since"] for _n, p in published if isinstance(p.get("since"), int | float)]
+            since = min(sinces) if sinces else None
+            reasons = [str(p["reason"]) for _n, p in published if p.get("reason")]
+            reason = reasons[0] if reasons else ""
+        bstate = _json_field(stored.get(f"bstate:{t.id}"))
+        if not breaker_enabled:
+            breaker = "disabled"
+        elif bstate is not None and bstate.get("type") in _BREAKER_OF_EVENT:
+            breaker = _BREAKER_OF_EVENT[bstate["type"]]
+        else:
+            breaker = "closed"
+        probes = [p for _n, pub in published for p in pub.get("last_probes") or ()
+                  if isinstance(p, dict) and isinstance(p.get("at"), int | float)]  # fmt: skip
+        probes.sort(key=lambda p: p["at"])
+        probers: list[str] = []
+        for _n, p in sorted(published, key=lambda np: np[0]):
+            if isinstance(p.get("probers"), list) and p["probers"]:
+                probers = [str(x) for x in p["probers"]]
+                break
+        out.append({
+            "target": t.id, "state": state, "since": since, "override": override,
+            "breaker": breaker, "last_probes": probes[-PROBES_SHOWN:], "reason": reason,
+            "probers": probers,
+            "ejected_on": sorted(n for n, p in published if p.get("ejected") is True),
+            "nodes": by_node,
+        })  # fmt: skip
+    return out
+
+
 # -- reading and printing ------------------------------------------------------------------------
 
 
@@ -413,6 +511,43 @@ def cmd_status(ctl: Ctl) -> int:
             for t in view["targets"]], ctl.out)  # fmt: skip
     if not summaries:
         ctl.warn(f"no node has published stats for {name!r} in the last {STATS_FRESH:g}s")
+    return EXIT_OK
+
+
+def _probe_text(probe: dict[str, Any] | None, now: float) -> str:
+    if probe is None:
+        return "-"
+    what = "ok" if probe.get("ok") else f"failed ({probe.get('reason') or '?'})"
+    return f"{what} by {probe.get('node', '?')} {_ago(now, probe.get('at'))}"
+
+
+def cmd_health(ctl: Ctl, name: str) -> int:
+    """``health NAME [--json]``: each target's cluster-wide state, since when and why, its
+    override, its breaker and its latest probe."""
+    _version, lb = _read_lb(ctl.r, name)
+    if lb is None:
+        raise _no_lb(name)
+    now = ctl.clock()
+    pipe = ctl.r.pipeline(transaction=False)
+    pipe.hgetall(healthstate_key(name))
+    pipe.hgetall(overrides_key(name))
+    pipe.hgetall(stats_key(name))
+    raw_stored, raw_overrides, raw_stats = pipe.execute()
+    stored = {_text(k): v for k, v in raw_stored.items()}
+    overrides = {_text(k): v for k, v in raw_overrides.items()}
+    summaries, _expired = read_summaries(raw_stats, now, ctl.warn)
+    view = health_view(lb, stored, overrides, summaries)
+    if ctl.args.json:
+        _json(view, ctl.out)
+        return EXIT_OK
+    _table(["TARGET", "STATE", "SINCE", "OVERRIDE", "BREAKER", "REASON", "LAST PROBE"],
+           [[v["target"], v["state"], "-" if v["since"] is None else _iso(v["since"]),
+             v["override"], v["breaker"], v["reason"] or "-",
+             _probe_text(v["last_probes"][-1] if v["last_probes"] else None, now)]
+            for v in view], ctl.out)  # fmt: skip
+    if not summaries:
+        ctl.warn(f"no node has published stats for {name!r} in the last {STATS_FRESH:g}s"
+                 " (no probe results)")  # fmt: skip
     return EXIT_OK
 
 

@@ -10,8 +10,11 @@ Theory of operation
      │                            lb:{NAME}:config stream and lb:registry:events
      ├── heartbeat                HSET lb:nodes every second; counts live nodes
      ├── stats publisher          a compact, mergeable stats summary per load balancer
-     └── per load balancer        RateSync (rate-limit deltas) and SharedPinStore
-                                  (pin cache flusher/notices), cancelled with the LB
+     ├── health bus               breaker outcome batches, half-open trial leases
+     └── per load balancer        RateSync (rate-limit deltas), SharedPinStore
+                                  (pin cache flusher/notices) and the health follower
+                                  (verdicts, outcomes, overrides, committed transitions;
+                                  lbnode.cluster.health), cancelled with the LB
 
 The follower is the only writer of the node's config in cluster mode: it
 folds config events with the pure reducer of ``lbshared.projections`` and
@@ -35,6 +38,7 @@ back *empty* has no config, and the node keeps its own, says so and raises
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -46,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from lbnode.cluster.health import RedisHealthBus
 from lbnode.cluster.pins import AsyncPinStore, SharedPinStore
 from lbnode.cluster.ratelimit import ClusterRateLimiter, RateSync, StrictRateLimiter
 from lbnode.cluster.view import ClusterView
@@ -130,6 +135,15 @@ def _breaker_state(target: Any) -> str:
     return breaker.state if breaker is not None else "disabled"
 
 
+def _health_fields(view: dict[str, Any] | None) -> dict[str, Any]:
+    """A target's health as this node sees it (``HealthManager.get_health``), for lbctl."""
+    if view is None:
+        return {}
+    return {"health": view["state"], "since": view["since"], "override": view["override"],
+            "reason": view["reason"], "probers": view["probers"], "ejected": view["ejected"],
+            "last_probes": view["last_probes"]}  # fmt: skip
+
+
 class ClusterPolicies(Policies):
     """Shared rate limiters and pin stores for the node's runtimes."""
 
@@ -177,6 +191,12 @@ class ClusterAgent:
         self._was_connected = False
         self._from_log = False
         self._closing = False  # set by close(): no heartbeat may follow its HDEL
+        #: Sorted ids of the live nodes (the heartbeats), refreshed every second.
+        self.live_ids: list[str] = []
+        self.health_bus = RedisHealthBus(self.client, node.health, self.view, lambda: self.live_ids)
+        node.health.bus = self.health_bus
+        node.feed.history_source = self.health_bus.history
+        self._health_followed: set[str] = set()
 
     # -- wiring ------------------------------------------------------------------
 
@@ -237,6 +257,15 @@ class ClusterAgent:
                 scope.cancel()
             self._syncs.pop(name, None)
             self._pins.pop(name, None)
+            self._health_followed.discard(name)
+            self.health_bus.forget(name)
+
+    def _follow_health(self) -> None:
+        """One health follower per load balancer served (stopped by ``forget``)."""
+        for name in self.node.runtimes:
+            if name not in self._health_followed:
+                self._health_followed.add(name)
+                self._start(name, functools.partial(self.health_bus.follow, name))
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -253,12 +282,14 @@ class ClusterAgent:
                 )
                 if self.seed is not None:
                     await self.node.apply(self.seed)
+                    self._follow_health()
             else:
                 await self._load()
             nursery.start_soon(self._follow)
             nursery.start_soon(self._heartbeat)
             nursery.start_soon(self._publish_stats)
             nursery.start_soon(self._republisher)
+            nursery.start_soon(self.health_bus.run)
             task_status.started()
 
     async def close(self) -> None:
@@ -316,6 +347,7 @@ class ClusterAgent:
         self._from_log = True
         await self.node.apply(state.to_config(), version=state.version)
         self.forget(removed)
+        self._follow_health()
 
     async def _follow(self) -> None:
         backoff = Backoff()
@@ -400,7 +432,8 @@ class ClusterAgent:
             try:
                 await self.client.execute("HSET", NODES_KEY, node.node_id, beat.to_json())
                 beats = await load_heartbeats(self.client, now)
-                self.view.live_nodes = max(1, sum(1 for b in beats if b.live(now)))
+                self.live_ids = [b.id for b in beats if b.live(now)]  # sorted by id
+                self.view.live_nodes = max(1, len(self.live_ids))
             except RedisError:
                 pass
             await trio.sleep(HEARTBEAT_INTERVAL)
@@ -423,7 +456,9 @@ class ClusterAgent:
         ``requests_total`` (requests answered) and ``request_rate`` (per second
         over the last ``rate_window`` seconds, about ``RATE_WINDOW``), and per
         target ``active`` (in flight), ``healthy``, ``breaker`` (closed, open,
-        half_open or disabled), ``requests_total`` (sent to it) and ``request_rate``."""
+        half_open or disabled), ``requests_total`` (sent to it), ``request_rate`` and this
+        node's health view of it (``health``, ``since``, ``override``, ``reason``,
+        ``probers``, ``ejected``, ``last_probes``: ``HealthManager.get_health``)."""
         windows: dict[str, RateWindow] = {}
         last = time.monotonic()
         while True:
@@ -442,6 +477,10 @@ class ClusterAgent:
                 counts: dict[str | None, int] = {t.id: t.requests for t in rt.targets}
                 counts[None] = total
                 rates, span = window.update(mono, counts)
+                try:
+                    health = {h["target"]: h for h in self.node.health.get_health(name)}
+                except KeyError:
+                    health = {}
                 body = {
                     "node": self.node.node_id,
                     "at": now,
@@ -456,6 +495,7 @@ class ClusterAgent:
                             "breaker": _breaker_state(t),
                             "requests_total": t.requests,
                             "request_rate": round(rates[t.id], 3),
+                            **_health_fields(health.get(t.id)),
                         }
                         for t in rt.targets
                     },
@@ -497,6 +537,7 @@ class ClusterAgent:
             CounterMetricFamily(
                 "lbnode_events_skipped", "Malformed stream entries skipped.", value=self.log.skipped.total
             ),
+            *self.health_bus.metrics(),
         ]
 
 

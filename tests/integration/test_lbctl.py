@@ -134,11 +134,13 @@ def test_failures_are_one_line_with_exit_codes(url: str, tmp_path: Path, r: Any)
         == f"lbctl: cannot reach Redis at redis://:***@127.0.0.1:{port}/0: Connection refused\n"
     )
 
-    later = lbctl_proc(url, "status", "api-lb")
-    assert (later.returncode, later.stderr) == (
-        2,
-        "lbctl: 'status' needs the nodes' stats, which this build does not publish yet\n",
-    )
+    # The views of what nodes publish, and health overrides, on a load balancer that is not.
+    gone = lbctl_proc(url, "status", "api-lb")
+    assert (gone.returncode, gone.stdout, gone.stderr) == (
+        1, "", "lbctl: no load balancer named 'api-lb'\n")  # fmt: skip
+    for argv in (("metrics", "api-lb"), ("health", "api-lb", "--json"),
+                 ("health", "set", "api-lb", "api-1", "down")):  # fmt: skip
+        assert ctl(url, *argv) == (1, "", "lbctl: no load balancer named 'api-lb'\n"), argv
 
 
 def test_nodes_and_schema(url: str, r: Any) -> None:

@@ -162,7 +162,7 @@ async def test_malformed_entries_are_skipped_and_counted(client: RedisClient) ->
     bad_ids = [
         await client.execute("XADD", stream, "*", "v", "2", "type", "pin", "lb", "a",
                              "origin", "x", "at", "1", "data", "{}"),
-        await client.execute("XADD", stream, "*", "v", "1", "type", "healthy", "lb", "a",
+        await client.execute("XADD", stream, "*", "v", "1", "type", "node_rebooted", "lb", "a",
                              "origin", "x", "at", "1", "data", "{}"),
         await client.execute("XADD", stream, "*", "just", "junk"),
         await client.execute("XADD", stream, "*", *sum(encode(pin(2)).items(), ())[:-1], "{"),
