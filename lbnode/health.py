@@ -340,7 +340,10 @@ class HealthManager:
     def _apply_health(self, lb: str, target: str, healthy: bool) -> None:
         rt = self._runtime(lb)
         if rt is not None and target in rt.by_id:
-            rt.by_id[target].healthy = healthy
+            t = rt.by_id[target]
+            t.healthy = healthy
+            if healthy:  # the cluster sees it back: a local passive ejection ends too
+                t.ejected_until = 0.0
 
     def emit(self, kind: str, lb: str, target: str, reason: str, node: str | None = None) -> None:
         """One committed transition: log it and put it on the feed."""
