@@ -230,13 +230,41 @@ class LoadBalancerManager:
         if not any(x["name"] == name for x in current):
             lbs.append(data)
         new = parse_config({"load_balancers": lbs}, source="<api>")
+        if self.node.cluster is not None:
+            # Cluster mode: the change goes through the log like lbctl's, and
+            # every node (this one included) applies it from there.
+            lb_cfg = next(x for x in new.load_balancers if x.name == name)
+            await self._publish(name, lb_cfg)
+            return
         await self.node.apply(new)
+
+    async def _publish(self, name: str, lb: LoadBalancer | None) -> None:
+        from lbshared.publish import VersionConflict, apublish_config
+
+        agent = self.node.cluster
+        assert agent is not None
+        for _ in range(5):  # compare-and-set on the version we hold, as lbctl does
+            try:
+                version, _ = await apublish_config(
+                    agent.client, name, lb, agent.state.held_version(name), self.node.node_id
+                )
+                break
+            except VersionConflict:
+                await trio.sleep(0.05)  # the follower catches up with the newer version
+        else:
+            raise RuntimeError(f"{name}: the config kept changing under us; try again")
+        with trio.move_on_after(5):
+            while self.node.config_version < version:
+                await trio.sleep(0.01)
 
     async def deregister(self, name: str) -> None:
         async with self.lock:
             current = config_to_dict(self.node.config)["load_balancers"]
             if not any(x["name"] == name for x in current):
                 raise UnknownLoadBalancer(name)
+            if self.node.cluster is not None:
+                await self._publish(name, None)
+                return
             rest = [x for x in current if x["name"] != name]
             await self.node.apply(parse_config({"load_balancers": rest}, source="<api>"))
 
