@@ -7,10 +7,15 @@ For each scenario the same load runs twice, against the same fixed-response
 backend (``bench/fast_backend.py``, far faster than the proxy):
 
 * **direct**: load generator -> backend;
-* **proxied**: load generator -> lbnode -> backend.
+* **proxied**: load generator -> lbnode -> backend, once per HTTP/1.1
+  implementation of the data path (``--http h11`` and ``--http httptools``
+  by default, one row each);
+* **bare h11**: load generator -> ``bench/bare_proxy.py`` (trio + h11 and
+  nothing else) -> backend, the floor a trio + h11 proxy cannot go below.
 
-The table shows requests/s and latency p50/p99 for both, the throughput ratio
-(proxied / direct) and the latency the hop adds at the median. The load
+The table shows requests/s and latency p50/p99 for each, the throughput ratio
+(proxied / direct), the latency the hop adds at the median, and lbnode's
+throughput relative to the bare proxy measured in the same run. The load
 generator is wrk when it is on PATH (Debian's ``wrk``), else the bundled
 ``bench/loadgen.py``, whose report has wrk's shape, so one parser reads both.
 
@@ -115,6 +120,7 @@ class Result:
     scenario: str
     connections: int
     threads: int
+    http: str = "h11"  # lbnode's --http for the proxied run
     direct: Measurement | None = None
     proxied: Measurement | None = None
     bare: Measurement | None = None  # bench/bare_proxy.py: a bare trio + h11 proxy
@@ -410,8 +416,17 @@ def run_all(
     direct_only: bool,
     node_args: Sequence[str],
     progress: bool,
+    impls: Sequence[str] = ("h11",),
 ) -> list[Result]:
-    results = {s.name: Result(s.name, s.connections, s.threads) for s in scenarios}
+    """Each scenario direct, through the bare proxy, and through lbnode once
+    per implementation in ``impls``: one Result per (scenario, impl), the
+    direct and bare measurements shared by a scenario's rows."""
+    rows = {
+        (s.name, impl): Result(s.name, s.connections, s.threads, impl)
+        for s in scenarios
+        for impl in impls
+    }
+    results = {s.name: rows[s.name, impls[0]] for s in scenarios}
 
     def say(msg: str) -> None:
         if progress:
@@ -433,23 +448,27 @@ def run_all(
                     results[scenario.name].bare = measure(
                         gen, bare_port, scenario, duration, warmup
                     )
+        for (name, _), row in rows.items():
+            row.direct, row.bare = results[name].direct, results[name].bare
         groups: dict[str, list[Scenario]] = {}
         for scenario in scenarios:
             groups.setdefault(scenario.node_key(), []).append(scenario)
         for group in groups.values():
-            try:
-                with ExitStack() as stack:
-                    port = stack.enter_context(lbnode(backend_port, group[0], node_args))
+            for impl in impls:
+                try:
+                    with ExitStack() as stack:
+                        args = [*node_args, "--http", impl]
+                        port = stack.enter_context(lbnode(backend_port, group[0], args))
+                        for scenario in group:
+                            say(f"proxied  {scenario.name} (--http {impl}) ...")
+                            rows[scenario.name, impl].proxied = measure(
+                                gen, port, scenario, duration, warmup
+                            )
+                except BenchError as exc:
                     for scenario in group:
-                        say(f"proxied  {scenario.name} ...")
-                        results[scenario.name].proxied = measure(
-                            gen, port, scenario, duration, warmup
-                        )
-            except BenchError as exc:
-                for scenario in group:
-                    if results[scenario.name].proxied is None:
-                        results[scenario.name].error = str(exc)
-    return list(results.values())
+                        if rows[scenario.name, impl].proxied is None:
+                            rows[scenario.name, impl].error = str(exc)
+    return list(rows.values())
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -458,7 +477,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def format_table(results: Sequence[Result]) -> str:
     header = (
-        "scenario", "direct rps", "p50 ms", "p99 ms",
+        "scenario", "--http", "direct rps", "p50 ms", "p99 ms",
         "proxied rps", "p50 ms", "p99 ms", "proxied/direct", "added p50 ms",
         "bare h11 rps", "lbnode/bare",
     )  # fmt: skip
@@ -468,7 +487,7 @@ def format_table(results: Sequence[Result]) -> str:
         ratio = r.ratio_rps()
         added = r.added_p50_ms()
         rows.append((
-            r.scenario,
+            r.scenario, r.http,
             _fmt(d and d.rps, ",.0f"), _fmt(d and d.p50_ms, ".3f"), _fmt(d and d.p99_ms, ".3f"),
             _fmt(p and p.rps, ",.0f"), _fmt(p and p.p50_ms, ".3f"), _fmt(p and p.p99_ms, ".3f"),
             "-" if ratio is None else f"{ratio:.2f}x",
@@ -479,7 +498,8 @@ def format_table(results: Sequence[Result]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = []
     for n, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+        cells += [c.rjust(w) for c, w in zip(row[2:], widths[2:])]
         lines.append("  ".join(cells))
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -488,11 +508,11 @@ def format_table(results: Sequence[Result]) -> str:
         for label, m in (("direct", r.direct), ("proxied", r.proxied)):
             if m is not None and (m.socket_errors or m.non_2xx_3xx):
                 notes.append(
-                    f"note: {r.scenario} ({label}): {m.socket_errors} socket errors, "
+                    f"note: {r.scenario} [{r.http}] ({label}): {m.socket_errors} socket errors, "
                     f"{m.non_2xx_3xx} non-2xx/3xx responses of {m.requests}"
                 )
         if r.error:
-            notes.append(f"note: {r.scenario} (proxied) not measured: {r.error}")
+            notes.append(f"note: {r.scenario} [{r.http}] (proxied) not measured: {r.error}")
     return "\n".join(lines + notes)
 
 
@@ -508,6 +528,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--direct-only", action="store_true", help="skip lbnode")
     parser.add_argument(
         "--node-arg", action="append", default=[], metavar="ARG", help="extra lbnode argument"
+    )
+    parser.add_argument(
+        "--http", action="append", choices=("h11", "httptools"), metavar="IMPL",
+        help="lbnode's HTTP/1.1 implementation for the proxied runs, one row each "
+        "(repeatable; default: h11 and httptools)",
     )
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = parser.parse_args(argv)
@@ -529,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             direct_only=args.direct_only,
             node_args=args.node_arg,
             progress=not args.json,
+            impls=args.http or ("h11", "httptools"),
         )
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 Every flag also reads an environment variable (``LB_CONFIG``,
 ``LB_REDIS_URL``, ``LB_NODE_ID``, ``LB_BIND``, ``LB_ADMIN``,
-``LB_ADMIN_TOKEN``, ...); a flag given on the command line wins.
+``LB_ADMIN_TOKEN``, ``LB_HTTP``, ...); a flag given on the command line wins.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import trio
 
 from lbnode.admin import is_loopback, parse_hostport
-from lbnode.http1 import IMPLEMENTATIONS
+from lbnode.http1 import CHOICES, resolve_impl
 from lbnode.listeners import ListenError
 from lbnode.node import DEFAULT_DRAIN_TIMEOUT, Node, NodeOptions
 from lbshared.config import Config, ConfigError, load_config, parse_config
@@ -63,8 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", default=_env("LB_DRAIN_TIMEOUT", f"{DEFAULT_DRAIN_TIMEOUT:g}s"),
                    metavar="DURATION",
                    help="how long SIGTERM waits for in-flight requests (default 30s)")
-    p.add_argument("--http-impl", default=_env("LB_HTTP_IMPL", "h11"), choices=IMPLEMENTATIONS,
-                   help="HTTP/1.1 parser of the data path (default h11)")
+    p.add_argument("--http", "--http-impl", dest="http_impl", choices=CHOICES,
+                   default=_env("LB_HTTP", _env("LB_HTTP_IMPL", "auto")),
+                   help="HTTP/1.1 parser of the data path: httptools (llhttp), h11 (the "
+                        "portable reference) or auto (httptools when installed, the "
+                        "default); env LB_HTTP")
     p.add_argument("--check", action="store_true",
                    help="validate the config and exit (0 valid, 1 invalid)")
     return p
@@ -112,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(JsonLogFormatter(args.node_id))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if args.http_impl not in CHOICES:  # a choice from the environment is not checked by argparse
+        return _fail(f"--http: {args.http_impl!r} is not one of {', '.join(CHOICES)}")
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
     config_path = Path(args.config) if args.config else None
@@ -173,13 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         node_id = args.node_id or f"{socket.gethostname()}:{args.admin}"
         return supervise(list(sys.argv[1:] if argv is None else argv), workers, admin, node_id)
 
+    http_impl = resolve_impl(args.http_impl)
+    logging.getLogger("lbnode").info("HTTP/1.1 implementation: %s", http_impl)
     options = NodeOptions(
         bind=args.bind,
         admin=admin,
         admin_token=args.admin_token,
         node_id=args.node_id,
         access_log=access_log,
-        http_impl=args.http_impl,
+        http_impl=http_impl,
         drain_timeout=drain,
         config_path=config_path,
         redis_url=args.redis or None,

@@ -29,6 +29,7 @@ import trio
 from lbnode.accesslog import AccessLog
 from lbnode.feed import HealthFeed
 from lbnode.health import HealthManager
+from lbnode.http1 import resolve_impl
 from lbnode.admin import AdminServer
 from lbnode.api import HttpRequest, HttpResponse, LoadBalancerHandle, LoadBalancerManager, route
 from lbnode.listeners import ListenError, accept_loop, make_server_ssl_context, open_listener
@@ -52,7 +53,7 @@ class NodeOptions:
     admin_token: str | None = None
     node_id: str | None = None
     access_log: str = "-"
-    http_impl: str = "h11"
+    http_impl: str = "auto"  # httptools when importable, else h11
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     config_path: Path | None = None
     redis_url: str | None = None
@@ -82,11 +83,12 @@ class Node:
         self.node_id = opts.node_id or f"{socket.gethostname()}:{admin_desc}"
         self.config = config
         self.config_version = 0
-        self.pools = PoolRegistry(opts.http_impl)
+        self.http_impl = resolve_impl(opts.http_impl)  # "auto" decided once
+        self.pools = PoolRegistry(self.http_impl)
         self.runtimes: dict[str, LbRuntime] = {}
         self._listeners: dict[tuple[str, int], _ListenerRecord] = {}
         self.access_log = AccessLog(opts.access_log) if opts.access_log != "off" else None
-        self.services = Services(self.node_id, http_impl=opts.http_impl, access_log=self.access_log)
+        self.services = Services(self.node_id, http_impl=self.http_impl, access_log=self.access_log)
         self.started_at = time.time()
         self.admin: AdminServer | None = None
         self._nursery: trio.Nursery | None = None

@@ -15,21 +15,32 @@ Both are fed bytes with ``receive_data`` (``b""`` means the peer closed) and
 drained with ``next_event``, which returns an event, ``NEED_DATA`` or
 ``PAUSED`` (after a protocol switch or while a finished message waits for
 ``start_next_cycle``). ``send_*`` methods return the bytes to write. This is
-h11's model, kept small so that a second implementation (httptools) can
-stand beside the h11 one and pass the same tests: the proxy chooses one with
-``make_server``/``make_client``.
+h11's model, kept small so that two implementations stand side by side and
+pass the same tests: ``h11_impl`` (the portable reference) and
+``httptools_impl`` (llhttp, several times faster on plain requests, the
+reference's verdict on everything else); the proxy chooses one with
+``make_server``/``make_client`` (``auto``: httptools when it imports).
 
 Header lists are ``[(lower-case name, value), ...]`` of bytes, in wire order.
 
 What the seam guarantees to the proxy, whatever the implementation:
 
 * framing is unambiguous or the message is refused with ``ProtocolError``
-  carrying the status to answer (400, 431, 501): both ``Content-Length`` and
-  ``Transfer-Encoding``, differing duplicate ``Content-Length``, any transfer
-  coding other than a single ``chunked``, ``Transfer-Encoding`` on HTTP/1.0,
-  too many or too large header fields;
+  carrying the status to answer (400, 431, 501, 505): both ``Content-Length``
+  and ``Transfer-Encoding``, differing duplicate ``Content-Length``, any
+  transfer coding other than a single ``chunked``, ``Transfer-Encoding`` on
+  HTTP/1.0, too many or too large header fields, an HTTP version other than
+  1.x;
+* what a request is accepted with can be forwarded as strict HTTP/1.1: no
+  control character (but HTAB) in a field value or trailer (400);
 * an upstream response with ambiguous framing raises ``ProtocolError`` too
-  (the proxy answers 502 and never forwards it).
+  (the proxy answers 502 and never forwards it);
+* nothing past the current request is parsed before ``start_next_cycle``
+  (pipelined bytes wait, raw), and an upstream connection that has seen
+  its peer close (a body delimited by the close) is never ``can_reuse``.
+
+Both implementations accept and refuse exactly the same messages
+(``tests/unit/test_http1_differential.py``).
 """
 
 from __future__ import annotations
@@ -196,23 +207,55 @@ HOP_BY_HOP = frozenset(
 )
 
 IMPLEMENTATIONS = ("h11", "httptools")
+# What ``--http`` accepts: an implementation, or ``auto`` (httptools when it
+# imports, as uvicorn chooses).
+CHOICES = ("auto", *IMPLEMENTATIONS)
+
+
+def resolve_impl(name: str) -> str:
+    """The implementation ``name`` stands for: ``auto`` resolved, others checked."""
+    if name == "auto":
+        try:
+            import httptools  # noqa: F401
+        except ImportError:
+            return "h11"
+        return "httptools"
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown HTTP/1.1 implementation {name!r} (expected one of {CHOICES})"
+        )
+    return name
 
 
 def make_server(
     impl: str = "h11", *, max_header_bytes: int = 32768, max_headers: int = 100
 ) -> ServerProtocol:
     """A server-side protocol object for a new downstream connection."""
+    if impl == "httptools":
+        from lbnode.http1.httptools_impl import HttptoolsServer
+
+        return HttptoolsServer(max_header_bytes=max_header_bytes, max_headers=max_headers)
     if impl == "h11":
         from lbnode.http1.h11_impl import H11Server
 
         return H11Server(max_header_bytes=max_header_bytes, max_headers=max_headers)
-    raise ValueError(f"unknown HTTP/1.1 implementation {impl!r} (expected one of {IMPLEMENTATIONS})")
+    if impl == "auto":
+        return make_server(
+            resolve_impl(impl), max_header_bytes=max_header_bytes, max_headers=max_headers
+        )
+    raise ValueError(f"unknown HTTP/1.1 implementation {impl!r} (expected one of {CHOICES})")
 
 
 def make_client(impl: str = "h11", *, max_header_bytes: int = 65536) -> ClientProtocol:
     """A client-side protocol object for a new upstream connection."""
+    if impl == "httptools":
+        from lbnode.http1.httptools_impl import HttptoolsClient
+
+        return HttptoolsClient(max_header_bytes=max_header_bytes)
     if impl == "h11":
         from lbnode.http1.h11_impl import H11Client
 
         return H11Client(max_header_bytes=max_header_bytes)
-    raise ValueError(f"unknown HTTP/1.1 implementation {impl!r} (expected one of {IMPLEMENTATIONS})")
+    if impl == "auto":
+        return make_client(resolve_impl(impl), max_header_bytes=max_header_bytes)
+    raise ValueError(f"unknown HTTP/1.1 implementation {impl!r} (expected one of {CHOICES})")

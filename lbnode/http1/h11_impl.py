@@ -9,6 +9,8 @@ checked here on the parsed head, once per message.
 
 from __future__ import annotations
 
+import re
+
 import h11
 
 from lbnode.http1 import (
@@ -50,6 +52,18 @@ def _lower_headers(headers: h11._headers.Headers) -> HeaderList:
     # h11 keeps (raw name, lower-case name, value) triples; reading them
     # directly avoids the per-item __getitem__ of its Sequence interface.
     return [(name, value) for _, name, value in headers._full_items]
+
+
+# A field value holds VCHAR, obs-text, SP and HTAB (RFC 9110 5.5). h11 lets
+# the other control characters through; no strict recipient takes them, so
+# a request carrying one is refused rather than forwarded.
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _check_values(headers: HeaderList) -> None:
+    for _, value in headers:
+        if _CTL.search(value) is not None:
+            raise ProtocolError("control character in a header field value", 400)
 
 
 def _check_framing(headers: HeaderList, http_version: bytes, max_bytes: int = 0) -> None:
@@ -105,9 +119,14 @@ class H11Server:
             if len(headers) > self._max_headers:
                 raise ProtocolError(f"more than {self._max_headers} header fields", 431)
             _check_framing(headers, ev.http_version, self._max_bytes)
+            _check_values(headers)
             return Request(ev.method, ev.target, headers, ev.http_version)
         if t is _h11_EndOfMessage:
-            return EndOfMessage(_lower_headers(ev.headers) if ev.headers else None)
+            if not ev.headers:
+                return EndOfMessage()
+            trailers = _lower_headers(ev.headers)
+            _check_values(trailers)
+            return EndOfMessage(trailers)
         if ev is _h11_NEED_DATA:
             return NEED_DATA
         if ev is _h11_PAUSED:
@@ -126,7 +145,14 @@ class H11Server:
         return self._c.send(_h11_Data(data=data))
 
     def send_end(self, trailers: Headers = ()) -> bytes:
-        return self._c.send(_h11_EndOfMessage(headers=trailers))
+        try:
+            return self._c.send(_h11_EndOfMessage(headers=trailers))
+        except h11.LocalProtocolError:
+            if not trailers:
+                raise
+            # Trailers cannot reach this client (HTTP/1.0 or a Content-Length
+            # body): they are dropped, as RFC 9110 allows.
+            return self._c.send(_h11_EndOfMessage())
 
     def send_failed(self) -> None:
         self._c.send_failed()
@@ -216,7 +242,10 @@ class H11Client:
     @property
     def can_reuse(self) -> bool:
         c = self._c
-        return c.our_state is _DONE and c.their_state is _DONE
+        # A body delimited by the close ends with the upstream gone: h11 says
+        # DONE until it has returned ConnectionClosed, but the proxy asks
+        # right after EndOfMessage, and must not pool a closed connection.
+        return c.our_state is _DONE and c.their_state is _DONE and not c._receive_buffer_closed
 
     @property
     def trailing_data(self) -> bytes:

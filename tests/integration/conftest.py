@@ -51,7 +51,7 @@ POLL_INTERVAL = 0.02
 
 _LB_ENV = ("LB_CONFIG", "LB_REDIS_URL", "LB_NODE_ID", "LB_BIND", "LB_ADMIN", "LB_ADMIN_TOKEN",
            "LB_ACCESS_LOG", "LB_LOG_LEVEL", "LB_WORKERS", "LB_DRAIN_TIMEOUT",
-           "LB_HTTP_IMPL")  # fmt: skip
+           "LB_HTTP_IMPL", "LB_HTTP", "LB_LOG_FORMAT")  # fmt: skip
 
 
 # -- small helpers -------------------------------------------------------------------------
