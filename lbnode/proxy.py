@@ -58,7 +58,7 @@ from lbnode.policy.balancing import Metrics
 from lbnode.policy.proxy_protocol import ProxyHeader, ProxyProtocolError, parse_proxy_header
 from lbnode.policy.request import RequestView
 from lbnode.policy.sticky import CookieAction, StickyPolicy
-from lbnode.runtime import LbRuntime, TargetState
+from lbnode.runtime import LbRuntime, TargetGroup, TargetState
 from lbnode.upstream import ConnectError, UpstreamConn
 
 if TYPE_CHECKING:
@@ -465,10 +465,10 @@ class DownstreamConnection:
         trial = breaker is not None and breaker.state == "half_open" and breaker.allow_trial()
         target.active += 1
         target.requests += 1
-        if group.wants_record:  # a custom algorithm that tracks its own metrics
-            group.algorithm.record(target, Metrics(target.active))
         t_start = time.monotonic()
         try:
+            if group.wants_record:  # a custom algorithm that tracks its own metrics
+                _record(group, target, Metrics(target.active))
             try:
                 await self._exchange(conn, target, lb, req, headers, has_body, expect, upgrade, rec)
             except _TryElsewhere as gone:
@@ -501,7 +501,8 @@ class DownstreamConnection:
                 kind = "ok" if status < 500 else "timeout" if status == 504 else "5xx"
                 health.record(lb, target, status, kind, trial)
             if group.wants_record:
-                group.algorithm.record(
+                _record(
+                    group,
                     target,
                     Metrics(target.active, time.monotonic() - t_start, not 0 < rec.status < 500),
                 )
@@ -790,10 +791,10 @@ class DownstreamConnection:
             resp.reason or b"Switching Protocols",
         )
         up_extra = conn.proto.trailing_data
-        await self._down_send(head + up_extra if up_extra else head)
         down_extra = dproto.trailing_data
         counts = [len(down_extra), len(up_extra)]
-        try:
+        try:  # the upstream connection is released whatever happens from here
+            await self._down_send(head + up_extra if up_extra else head)
             if down_extra:
                 await _up_send(conn, down_extra)
             async with trio.open_nursery() as nursery:
@@ -896,6 +897,14 @@ class _Outcome:
         self.bytes_out = 0
         self.request_id: bytes | None = None
         self.close = False
+
+
+def _record(group: TargetGroup, target: TargetState, metrics: Metrics) -> None:
+    """Report to a custom algorithm; its bugs are logged, never fail a request."""
+    try:
+        group.algorithm.record(target, metrics)
+    except Exception:
+        log.exception("custom algorithm %r failed in record()", group.algorithm)
 
 
 async def _up_send(conn: UpstreamConn, data: bytes) -> None:
