@@ -453,7 +453,7 @@ def test_events_include_the_health_streams(cluster: Cluster) -> None:
     assert out.splitlines()[-1] == (f"{entry} 2023-11-14T22:15:02.000Z api-lb unhealthy api-1"
                                     " by n2: connect refused (2 of 2 probers)")  # fmt: skip
     code, out, _ = cluster.lbctl("events", "--json")
-    (record,) = [json.loads(line) for line in out.splitlines() if entry in line]
+    (record,) = [r for r in map(json.loads, out.splitlines()) if r["id"] == entry]
     assert record == {
         "id": entry, "lb": "api-lb", "type": "unhealthy", "target": "api-1",
         "reason": "connect refused (2 of 2 probers)", "at": NOW + 2, "node": "n2",
