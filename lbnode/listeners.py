@@ -19,6 +19,8 @@ BACKLOG = 4096
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 # How long to back off after such an error before accepting again.
 SLEEP_TIME = 0.1
+# At most this many already-pending connections taken at once after an accept.
+ACCEPT_BURST = 64
 
 
 class ListenError(Exception):
@@ -77,6 +79,10 @@ async def accept_loop(
     """Accept until the listener is closed; each connection runs in
     ``handler_nursery`` so closing a listener does not cut its connections."""
     task_status.started()
+    # The stdlib socket under trio's, to take every pending connection per
+    # wake-up: trio's accept() takes one per scheduler round, so under load
+    # new connections would queue behind the busy ones (tail latency).
+    raw = getattr(listener.socket, "_sock", None)
     while True:
         try:
             stream = await listener.accept()
@@ -89,3 +95,13 @@ async def accept_loop(
                 continue
             raise
         handler_nursery.start_soon(handler, stream)
+        if raw is not None:
+            for _ in range(ACCEPT_BURST):
+                try:
+                    sock, _addr = raw.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break  # the awaited accept() reports it on the next round
+                more = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+                handler_nursery.start_soon(handler, more)
