@@ -5,7 +5,8 @@ Each worker is a full ``lbnode`` process started with the same arguments and
 the kernel spreads connections over them. Worker ``i`` (from 0) serves its
 admin API on the admin port plus ``i`` and names itself ``NODE-ID/wI``.
 
-The supervisor forwards SIGTERM, SIGINT and SIGHUP to every worker, restarts
+The supervisor forwards SIGTERM and SIGINT to every worker, turns SIGHUP
+into a rolling reload (one worker after the other, RELOAD_GAP apart), restarts
 a worker that dies unexpectedly (with a growing back-off, at most one restart
 a second), and exits once all workers have exited after a stop signal: 0 if
 they all exited cleanly.
@@ -26,6 +27,8 @@ log = logging.getLogger("lbnode.workers")
 RESTART_MIN = 1.0
 RESTART_MAX = 30.0
 POLL_INTERVAL = 0.2
+# Between two workers of a rolling reload (SIGHUP).
+RELOAD_GAP = 0.5
 
 
 def _strip_flag(argv: list[str], flag: str) -> list[str]:
@@ -71,8 +74,16 @@ def supervise(argv: list[str], n: int, admin: tuple[str, int] | None, node_id: s
         procs[i] = subprocess.Popen(worker_argv(argv, i, admin, node_id), env=env)
         log.info("worker %d started (pid %d)", i, procs[i].pid)
 
+    reloads: list[int] = []  # workers still to reload, one at a time
+    next_reload = 0.0
+
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
+        if signum == signal.SIGHUP:
+            # A rolling reload: the workers re-read the config one after the
+            # other, so a bad moment in one never hits them all at once.
+            reloads[:] = sorted(procs)
+            return
         if signum in (signal.SIGTERM, signal.SIGINT):
             stopping = True
         for p in procs.values():
@@ -86,6 +97,13 @@ def supervise(argv: list[str], n: int, admin: tuple[str, int] | None, node_id: s
     status = 0
     while procs:
         time.sleep(POLL_INTERVAL)
+        if reloads and not stopping and time.monotonic() >= next_reload:
+            i = reloads.pop(0)
+            p = procs.get(i)
+            if p is not None and p.poll() is None:
+                log.info("reloading worker %d (pid %d)", i, p.pid)
+                p.send_signal(signal.SIGHUP)
+            next_reload = time.monotonic() + RELOAD_GAP
         for i, p in list(procs.items()):
             code = p.poll()
             if code is None:
