@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench docs lint clean services
+.PHONY: demo test test-slow bench bench-all docs lint clean services
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ test-slow: $(STAMP) services
 
 bench: $(STAMP) services
 	$(PY) bench/run.py
+
+# Every benchmark: the hop, rule matching, the Redis client, config convergence,
+# idle-connection memory, and HAProxy/nginx side by side (skipped when absent).
+bench-all: $(STAMP) services
+	$(PY) bench/run.py
+	$(PY) bench/bench_rules.py
+	$(PY) bench/bench_redis.py
+	$(PY) bench/bench_cluster.py
+	$(PY) bench/bench_idle.py
+	$(PY) bench/bench_peers.py
 
 docs: $(STAMP)
 	$(PY) -m lbshared.docgen > docs/configuration.md
