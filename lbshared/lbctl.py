@@ -66,7 +66,9 @@ from lbshared.store import (
     STATE_RETENTION,
     config_stream,
     health_stream,
+    healthstate_key,
     meta_key,
+    overrides_key,
     parse_id,
     snapshot_key,
     state_stream,
@@ -108,15 +110,6 @@ def _no_lb(name: str) -> Failure:
     return Failure(f"no load balancer named {name!r}")
 
 
-def healthstate_key(name: str) -> str:
-    """HASH of the committed health and breaker states of ``name``'s targets (the nodes'
-    ``lbnode.cluster.health.healthstate_key``; lbshared may not import lbnode)."""
-    return f"lb:{{{name}}}:healthstate"
-
-
-def overrides_key(name: str) -> str:
-    """HASH target -> ``up``/``down`` of ``name`` (absent: ``auto``)."""
-    return f"lb:{{{name}}}:overrides"
 
 
 class _Parser(argparse.ArgumentParser):

@@ -70,7 +70,7 @@ from lbshared.lbctl import (
     healthstate_key,
     overrides_key,
 )
-from lbshared.store import LIVE_WINDOW, NODE_EXPIRY, NODES_KEY
+from lbshared.store import LIVE_WINDOW, NODE_EXPIRY, NODES_KEY, stats_key
 
 __all__ = [
     "BUCKETS", "QUANTILES", "STATS_FRESH", "BadSummary", "NodeSummary", "Totals", "cmd_health",
@@ -100,10 +100,6 @@ _BREAKER_OF_EVENT = {"circuit_open": "open", "circuit_half_open": "half_open",
 
 _N_BUCKETS = len(BUCKETS) + 1
 
-
-def stats_key(name: str) -> str:
-    """HASH node id -> JSON stats summary of load balancer ``name`` (``lbnode.cluster.agent``)."""
-    return f"lb:{{{name}}}:stats"
 
 
 # -- the figures (pure) --------------------------------------------------------------------------

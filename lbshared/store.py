@@ -133,6 +133,26 @@ def ratelimit_key(name: str, limiter: str, key: str) -> str:
     return f"lb:{{{name}}}:rl:{limiter}:{key}"
 
 
+def stats_key(name: str) -> str:
+    """HASH node id -> JSON stats summary of ``name`` (for lbctl status/metrics)."""
+    return f"lb:{{{name}}}:stats"
+
+
+def healthstate_key(name: str) -> str:
+    """HASH of committed health and breaker generations and states of ``name``'s targets."""
+    return f"lb:{{{name}}}:healthstate"
+
+
+def overrides_key(name: str) -> str:
+    """HASH target -> ``up``/``down`` of ``name`` (absent = ``auto``)."""
+    return f"lb:{{{name}}}:overrides"
+
+
+def trial_key(name: str, target: str) -> str:
+    """STRING: the node holding the half-open trial lease of ``target``."""
+    return f"lb:{{{name}}}:trial:{target}"
+
+
 def parse_id(entry_id: str) -> tuple[int, int]:
     """``"ms-seq"`` (or ``"ms"``, seq 0) -> ``(ms, seq)``; ``ValueError`` if malformed."""
     ms, dash, seq = entry_id.partition("-")

@@ -73,6 +73,7 @@ from lbshared.store import (
     load_config_state,
     load_heartbeats,
     parse_id,
+    stats_key,
 )
 
 if TYPE_CHECKING:
@@ -100,9 +101,6 @@ STATS_TTL = 30
 # ``request_rate`` in a stats summary covers about this many seconds (+ one interval).
 RATE_WINDOW = 10.0
 
-
-def stats_key(name: str) -> str:
-    return f"lb:{{{name}}}:stats"
 
 
 class RateWindow:

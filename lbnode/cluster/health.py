@@ -115,8 +115,11 @@ from lbshared.store import (
     STATE_RETENTION,
     RedisEventLog,
     health_stream,
+    healthstate_key,
+    overrides_key,
     parse_id,
     state_stream,
+    trial_key,
 )
 
 from .view import ClusterView, stream_tail
@@ -202,19 +205,7 @@ _BREAKER_STATE: Final = {
 }
 
 
-def healthstate_key(name: str) -> str:
-    """HASH of committed generations and states of ``name``'s targets (see module doc)."""
-    return f"lb:{{{name}}}:healthstate"
 
-
-def overrides_key(name: str) -> str:
-    """HASH target -> ``up``/``down`` of ``name`` (absent = ``auto``)."""
-    return f"lb:{{{name}}}:overrides"
-
-
-def trial_key(name: str, target: str) -> str:
-    """STRING: the node holding the half-open trial lease of ``target``."""
-    return f"lb:{{{name}}}:trial:{target}"
 
 
 def _text(value: Any) -> str:

@@ -83,7 +83,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from lbnode.policy.ratelimit import Decision, MemoryCounterStore, RateLimiter
+from lbnode.policy.ratelimit import Decision, MemoryCounterStore, RateLimiter, keyless_decision
 from lbshared.events import RateDelta, SkipCounter, encode
 from lbshared.redis_trio import (
     Backoff,
@@ -584,11 +584,9 @@ class StrictRateLimiter:
         if not self._enabled:
             return self._unlimited
         if key is None:
-            if self._on_missing == "allow":
-                return self._unlimited
-            if self._on_missing == "deny":
-                wait = _ceil(self.config.interval)
-                return Decision(False, self.limit, 0, wait, max(1, wait))
+            keyless = keyless_decision(self.config, self._unlimited)
+            if keyless is not None:
+                return keyless
             key = ""
         if self.view.degraded:
             return self._store_error(key, now)

@@ -450,6 +450,18 @@ def _ceil(seconds: float) -> int:
     return max(0, math.ceil(seconds - 1e-9))
 
 
+def keyless_decision(config: RateLimit, unlimited: Decision) -> Decision | None:
+    """The ``on_missing_key`` decision for a request without a key value:
+    admitted (allow), refused for an interval (deny), or None (shared: the
+    caller counts it under the key "")."""
+    if config.on_missing_key == "allow":
+        return unlimited
+    if config.on_missing_key == "deny":
+        wait = _ceil(config.interval)
+        return Decision(False, config.limit, 0, wait, max(1, wait))
+    return None
+
+
 class RateLimiter:
     """Admit or refuse requests under one ``RateLimit`` config."""
 
@@ -494,11 +506,9 @@ class RateLimiter:
         if not self._enabled:
             return self._unlimited
         if key is None:
-            if self._on_missing == "allow":
-                return self._unlimited
-            if self._on_missing == "deny":
-                wait = _ceil(self.store.interval)
-                return Decision(False, self.limit, 0, wait, max(1, wait))
+            keyless = keyless_decision(self.config, self._unlimited)
+            if keyless is not None:
+                return keyless
             key = ""
         try:
             return self._check(key, now)
