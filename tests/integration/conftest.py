@@ -64,6 +64,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_free_on_all(addrs: tuple[str, ...]) -> int:
+    """A port free on every address of ``addrs`` (nodes on 127.0.0.2, .3, ...)."""
+    for _ in range(20):
+        port = free_port()
+        try:
+            for addr in addrs:
+                with socket.socket() as s:
+                    s.bind((addr, port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no port free on every address")
+
+
 def closed_port() -> int:
     """A port nothing listens on (connects are refused)."""
     return free_port()

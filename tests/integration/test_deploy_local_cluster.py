@@ -32,26 +32,19 @@ import yaml
 from lbshared.config import load_config
 from lbshared.durations import parse_duration
 from tests.conftest import REPO_ROOT
-from tests.integration.conftest import RawClient, free_port, subprocess_env, wait_for
+from tests.integration.conftest import (
+    RawClient,
+    free_port,
+    port_free_on_all,
+    subprocess_env,
+    wait_for,
+)
 
 SCRIPT = REPO_ROOT / "deploy" / "local-cluster.sh"
 ADDRS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 UP_TIMEOUT = 90.0  # Redis, three backends, three nodes, each with its own bounded wait
 STOP_TIMEOUT = 60.0  # the script gives each process up to 10 s after SIGTERM
 LBCTL_TIMEOUT = 30.0
-
-
-def port_free_on_all(addrs: tuple[str, ...]) -> int:
-    for _ in range(20):
-        port = free_port()
-        try:
-            for addr in addrs:
-                with socket.socket() as s:
-                    s.bind((addr, port))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no port free on every address")
 
 
 def alive(pid: int) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -31,7 +30,14 @@ from lbshared.config import parse_config
 from lbshared.events import Heartbeat
 from lbshared.lbctl_views import BadSummary, Totals
 from tests.conftest import REPO_ROOT
-from tests.integration.conftest import Launcher, RawClient, free_port, wait_for, wait_ready
+from tests.integration.conftest import (
+    Launcher,
+    RawClient,
+    free_port,
+    port_free_on_all,
+    wait_for,
+    wait_ready,
+)
 from tests.redisproc import RedisProc, redis_proc  # noqa: F401
 
 TIMEOUT = 30.0  # bound of any lbctl subprocess
@@ -263,19 +269,6 @@ def lbctl_proc(url: str, *argv: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "lbshared.lbctl", "--redis", url, *argv],
         capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=REPO_ROOT,
     )  # fmt: skip
-
-
-def port_free_on_all(addrs: tuple[str, ...]) -> int:
-    for _ in range(20):
-        port = free_port()
-        try:
-            for addr in addrs:
-                with socket.socket() as s:
-                    s.bind((addr, port))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no port free on every address")
 
 
 @pytest.fixture
