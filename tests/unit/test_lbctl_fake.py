@@ -453,7 +453,9 @@ def test_events_include_the_health_streams(cluster: Cluster) -> None:
     assert out.splitlines()[-1] == (f"{entry} 2023-11-14T22:15:02.000Z api-lb unhealthy api-1"
                                     " by n2: connect refused (2 of 2 probers)")  # fmt: skip
     code, out, _ = cluster.lbctl("events", "--json")
-    (record,) = [r for r in map(json.loads, out.splitlines()) if r["id"] == entry]
+    # Ids are per stream: a config entry may share this id, so match the type too.
+    (record,) = [r for r in map(json.loads, out.splitlines())
+                 if r["id"] == entry and r["type"] == "unhealthy"]  # fmt: skip
     assert record == {
         "id": entry, "lb": "api-lb", "type": "unhealthy", "target": "api-1",
         "reason": "connect refused (2 of 2 probers)", "at": NOW + 2, "node": "n2",
