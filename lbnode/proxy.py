@@ -9,6 +9,7 @@ and Pingora's, drawn once here)::
     read head -> decide (LbRuntime: rules, limits, target)
       -> acquire upstream (pool; on connect failure retry once elsewhere)
       -> send head (+ body, streamed)  -> read response head
+         (no byte back on a bodiless idempotent request: once elsewhere)
       -> stream response body          -> release upstream, log
 
 Nothing is buffered beyond one receive (64 KiB) per direction: bodies are
@@ -74,7 +75,21 @@ _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class _TryElsewhere(Exception):
-    """A reused connection's target refused a fresh connect: pick another."""
+    """Nothing was processed by this target: another one may serve the request.
+
+    Raised for a request without body whose pooled connection's target refused
+    a fresh connect, or for an idempotent request without body whose target
+    closed or reset the connection before answering a byte (nginx's default
+    ``proxy_next_upstream error``, HAProxy's ``retry-on empty-response``).
+    """
+
+    def __init__(self, reason: str, kind: str = "connect") -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+#: Methods whose request may be sent twice (RFC 9110 section 9.2.2).
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 
 
 class ClientGone(Exception):
@@ -475,7 +490,7 @@ class DownstreamConnection:
                 # A request without body whose target died under its pooled
                 # connection: nothing was processed, so another target may serve it.
                 if health is not None:
-                    health.record(lb, target, 502, "connect", False)
+                    health.record(lb, target, 502, gone.kind, False)
                 alt = group.pick(view, exclude=target)
                 alt_conn = None
                 if alt is not None:
@@ -537,20 +552,35 @@ class DownstreamConnection:
                     await _up_send(conn, head + up.send_end())
                     resp = await self._response_head(conn, lb, upgrade)
                 except UpstreamFailed as exc:
-                    if not conn.reused or exc.got_response:
+                    if exc.got_response:
                         raise
-                    # A pooled connection the upstream had closed: nothing was
-                    # processed, so one fresh attempt is safe.
+                    # One other target at most (``again``: this is it).
+                    retry = not again and req.method in IDEMPOTENT and upgrade is None
+                    if not conn.reused and not retry:
+                        raise  # the upstream may have acted on it
                     conn.pool.release(conn, False)
                     released = True
+                    if not conn.reused:  # idempotent: nothing answered, try another target
+                        raise _TryElsewhere(exc.reason, "5xx") from None
+                    # A pooled connection the upstream had closed: nothing was
+                    # processed, so one fresh attempt is safe.
                     try:
                         conn = await self._reconnect(target, lb)
                     except ConnectError as cexc:  # the target died: another one may serve it
+                        if again:
+                            raise
                         raise _TryElsewhere(cexc.reason) from None
                     released = False
                     up = conn.proto
-                    await _up_send(conn, up.send_request(req.method, req.target, headers) + up.send_end())
-                    resp = await self._response_head(conn, lb, upgrade)
+                    try:
+                        await _up_send(conn, up.send_request(req.method, req.target, headers) + up.send_end())
+                        resp = await self._response_head(conn, lb, upgrade)
+                    except UpstreamFailed as exc2:
+                        if exc2.got_response or not retry:
+                            raise
+                        conn.pool.release(conn, False)
+                        released = True
+                        raise _TryElsewhere(exc2.reason, "5xx") from None
             else:
                 await _up_send(conn, head)
                 if expect and self.proto.client_http_version == b"1.1":
