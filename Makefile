@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The benchmarks' extra packages (aiohttp, the peer of bench/bench_peers.py).
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo test test-slow bench bench-all docs lint clean services
 
@@ -11,6 +13,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
 
 # Debian's redis-server and wrk, installed when missing (tests start their own
 # private redis-server processes on free ports; nothing uses the system one).
@@ -30,12 +36,14 @@ test: $(STAMP) services
 test-slow: $(STAMP) services
 	$(PY) -m pytest -q -m slow
 
-bench: $(STAMP) services
-	$(PY) bench/run.py
+# lbnode next to HAProxy, nginx and aiohttp (each skipped when absent), standalone
+# and in a three-node cluster; writes the table into docs/performance.md.
+bench: $(BENCH_STAMP) services
+	$(PY) bench/bench_peers.py --write-docs
 
 # Every benchmark: the hop, rule matching, the Redis client, config convergence,
-# idle-connection memory, and HAProxy/nginx side by side (skipped when absent).
-bench-all: $(STAMP) services
+# idle-connection memory, and the peers side by side (without writing the docs).
+bench-all: $(BENCH_STAMP) services
 	$(PY) bench/run.py
 	$(PY) bench/bench_rules.py
 	$(PY) bench/bench_redis.py

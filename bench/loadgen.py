@@ -240,12 +240,14 @@ class _Worker:
         self.result = WorkerResult()
         self.latencies = array("d")
 
-    async def _connection(self, host: str, port: int, deadline: float, timeout: float) -> None:
+    async def _connection(
+        self, host: str, port: int, deadline: float, connect_timeout: float
+    ) -> None:
         loop = asyncio.get_running_loop()
         while not self.stopping and loop.time() < deadline:
             try:
                 _, conn = await asyncio.wait_for(
-                    loop.create_connection(lambda: _Conn(self), host, port), timeout
+                    loop.create_connection(lambda: _Conn(self), host, port), connect_timeout
                 )
             except TimeoutError:
                 self.result.errors.timeout += 1
@@ -257,18 +259,18 @@ class _Worker:
             await conn.closed
 
     async def run(
-        self, host: str, port: int, connections: int, duration: float, timeout: float
+        self, host: str, port: int, connections: int, duration: float, io_timeout: float
     ) -> WorkerResult:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + duration
         tasks = [
-            asyncio.create_task(self._connection(host, port, deadline, timeout))
+            asyncio.create_task(self._connection(host, port, deadline, io_timeout))
             for _ in range(connections)
         ]
         await asyncio.sleep(duration)
         self.stopping = True
-        # In-flight requests get `timeout` to finish, then count as timeouts.
-        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        # In-flight requests get `io_timeout` to finish, then count as timeouts.
+        done, pending = await asyncio.wait(tasks, timeout=io_timeout)
         for task in pending:
             task.cancel()
         self.result.errors.timeout += len(pending)

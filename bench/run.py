@@ -217,9 +217,9 @@ def wait_until(
     raise BenchError(f"{what} not ready after {START_TIMEOUT:g}s:\n{_tail(log)}")
 
 
-def port_open(port: int) -> bool:
+def port_open(port: int, host: str = HOST) -> bool:
     try:
-        with socket.create_connection((HOST, port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
         return False
@@ -260,14 +260,43 @@ def lb_config(
 
 
 @contextmanager
-def bare_proxy(backend_port: int) -> Iterator[int]:
-    """Start bench/bare_proxy.py (trio + h11, nothing else) in front of the backend."""
+def bare_proxy(backend_port: int, parser: str = "h11") -> Iterator[int]:
+    """Start bench/bare_proxy.py (trio and ``parser``, h11 or httptools, nothing else)
+    in front of the backend."""
     port = free_port()
     argv = [sys.executable, str(BENCH_DIR / "bare_proxy.py"), "--port", str(port),
-            "--upstream", f"{HOST}:{backend_port}"]  # fmt: skip
+            "--upstream", f"{HOST}:{backend_port}", "--parser", parser]  # fmt: skip
     with child(argv, "bare_proxy") as (proc, log):
         wait_until(lambda: port_open(port), proc, log, "bare_proxy")
         yield port
+
+
+def healthz(admin: str) -> dict[str, object] | None:
+    """A node's ``GET /healthz`` document (admin ``HOST:PORT``), or None unless it says 200."""
+    reply = http_get(f"http://{admin}/healthz")
+    if reply is None or reply[0] != 200:
+        return None
+    try:
+        doc = json.loads(reply[2])
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def node_status(admin: str) -> object:
+    """The ``status`` a node's ``/healthz`` reports ("serving"), or None."""
+    doc = healthz(admin)
+    return None if doc is None else doc.get("status")
+
+
+def probe(url: str, log: Path, what: str) -> dict[str, str]:
+    """GET ``url`` once; the response headers if the fast backend answered 200 through
+    ``what``, else BenchError (with the tail of ``what``'s log)."""
+    reply = http_get(url)
+    if reply is None or reply[0] != 200 or reply[1].get("x-backend") != "fast":
+        raise BenchError(f"a request through {what} did not reach the backend: {reply!r}\n"
+                         f"{_tail(log)}")  # fmt: skip
+    return reply[1]
 
 
 @contextmanager
@@ -288,23 +317,10 @@ def lbnode(backend_port: int, scenario: Scenario, extra_args: Sequence[str]) -> 
             *extra_args,
         ]  # fmt: skip
         with child(argv, "lbnode") as (proc, log):
-
-            def serving() -> bool:
-                reply = http_get(f"http://{HOST}:{admin_port}/healthz")
-                if reply is None or reply[0] != 200:
-                    return False
-                try:
-                    return json.loads(reply[2]).get("status") == "serving"
-                except ValueError:
-                    return False
-
-            wait_until(serving, proc, log, "lbnode")
+            admin = f"{HOST}:{admin_port}"
+            wait_until(lambda: node_status(admin) == "serving", proc, log, "lbnode")
             wait_until(lambda: port_open(listen_port), proc, log, "lbnode's listener")
-            probe = http_get(f"http://{HOST}:{listen_port}{scenario.path}")
-            if probe is None or probe[0] != 200 or probe[1].get("x-backend") != "fast":
-                raise BenchError(
-                    f"a request through lbnode did not reach the backend: {probe!r}\n{_tail(log)}"
-                )
+            probe(f"http://{HOST}:{listen_port}{scenario.path}", log, "lbnode")
             yield listen_port
 
 
@@ -399,9 +415,14 @@ class LoadGenerator:
 
 
 def measure(
-    gen: LoadGenerator, port: int, scenario: Scenario, duration: float, warmup: float
+    gen: LoadGenerator,
+    port: int,
+    scenario: Scenario,
+    duration: float,
+    warmup: float,
+    host: str = HOST,
 ) -> Measurement:
-    url = f"http://{HOST}:{port}{scenario.path}"
+    url = f"http://{host}:{port}{scenario.path}"
     if warmup > 0:
         gen.run(url, scenario, warmup)
     return gen.run(url, scenario, duration)
@@ -488,18 +509,20 @@ def format_table(results: Sequence[Result]) -> str:
         added = r.added_p50_ms()
         rows.append((
             r.scenario, r.http,
-            _fmt(d and d.rps, ",.0f"), _fmt(d and d.p50_ms, ".3f"), _fmt(d and d.p99_ms, ".3f"),
-            _fmt(p and p.rps, ",.0f"), _fmt(p and p.p50_ms, ".3f"), _fmt(p and p.p99_ms, ".3f"),
+            _fmt(d.rps if d else None, ",.0f"), _fmt(d.p50_ms if d else None, ".3f"),
+            _fmt(d.p99_ms if d else None, ".3f"),
+            _fmt(p.rps if p else None, ",.0f"), _fmt(p.p50_ms if p else None, ".3f"),
+            _fmt(p.p99_ms if p else None, ".3f"),
             "-" if ratio is None else f"{ratio:.2f}x",
             "-" if added is None else f"{added:+.3f}",
-            _fmt(r.bare and r.bare.rps, ",.0f"),
+            _fmt(r.bare.rps if r.bare else None, ",.0f"),
             "-" if r.ratio_bare() is None else f"{r.ratio_bare():.2f}x",
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = []
     for n, row in enumerate(rows):
         cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
-        cells += [c.rjust(w) for c, w in zip(row[2:], widths[2:])]
+        cells += [c.rjust(w) for c, w in zip(row[2:], widths[2:], strict=True)]
         lines.append("  ".join(cells))
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
