@@ -1,4 +1,4 @@
-"""The lbnode benchmark (``make bench``): what does a hop through lbnode cost?
+"""The lbnode hop benchmark (``bench/run.py``, in ``make bench-all``): what does a hop cost?
 
 Theory of operation
 ===================
