@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from lbnode.accesslog import AccessLog
+from lbnode.fastsock import fast_stream
 from lbnode.feed import HealthFeed
 from lbnode.health import HealthManager
 from lbnode.http1 import resolve_impl
@@ -300,7 +301,7 @@ class Node:
             except OSError:
                 await trio.aclose_forcefully(stream)
                 return
-            s: trio.abc.Stream = stream
+            s: trio.abc.Stream = fast_stream(stream) if ssl_ctx is None else stream
             if ssl_ctx is not None:
                 s = trio.SSLStream(stream, ssl_ctx, server_side=True, https_compatible=True)
                 try:
