@@ -132,6 +132,7 @@ class Node:
     async def _run(self, task_status: trio.TaskStatus[Node]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self.services.run_timers)
             if self.options.admin is not None:
                 host, port = self.options.admin
                 self.admin = AdminServer(self, host, port, self.options.admin_token)

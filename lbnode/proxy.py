@@ -59,6 +59,7 @@ from lbnode.policy.balancing import Metrics
 from lbnode.policy.proxy_protocol import ProxyHeader, ProxyProtocolError, parse_proxy_header
 from lbnode.policy.request import RequestView
 from lbnode.policy.sticky import CookieAction, StickyPolicy
+from lbnode.policy.timers import TimerWheel
 from lbnode.runtime import LbRuntime, TargetGroup, TargetState
 from lbnode.upstream import ConnectError, UpstreamConn
 
@@ -134,6 +135,8 @@ class Services:
         self.http_impl = http_impl
         self.access_log = access_log
         self.health: HealthManager | None = None  # set by the node
+        # The deadlines of every connection's waits; run_timers() fires them.
+        self.timers = TimerWheel(time.monotonic())
         self.draining = False
         self.idle: set[DownstreamConnection] = set()
         self.active_connections = 0
@@ -145,6 +148,14 @@ class Services:
         self.draining = True
         for conn in list(self.idle):
             conn.wake_idle()
+
+    async def run_timers(self) -> None:
+        """Fire the connections' expired deadlines, forever (a node task)."""
+        wheel = self.timers
+        while True:
+            await trio.sleep(wheel.resolution)
+            for conn in wheel.expire(time.monotonic()):
+                conn.fire()
 
 
 def _body_framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, bool]:
@@ -172,7 +183,9 @@ class DownstreamConnection:
         "client_ip",
         "client_ip_b",
         "proto",
-        "_idle_scope",
+        "timer_slot",
+        "timed_out",
+        "_scope",
         "_closing",
     )
 
@@ -186,12 +199,23 @@ class DownstreamConnection:
         self.proto: ServerProtocol = make_server(
             svc.http_impl, max_header_bytes=lb.max_header_bytes, max_headers=lb.max_headers
         )
-        self._idle_scope: trio.CancelScope | None = None
+        # One cancel scope for the connection's life: its waits arm a deadline
+        # on the node's timer wheel instead of entering a scope each
+        # (lbnode/policy/timers.py says why); a deadline that passes, or a
+        # drain, cancels it.
+        self.timer_slot = 0
+        self.timed_out = False
+        self._scope = trio.CancelScope()
         self._closing = False
 
+    def fire(self) -> None:
+        """The armed wait's deadline passed (called by the timer task)."""
+        self.timed_out = True
+        self._scope.cancel()
+
     def wake_idle(self) -> None:
-        if self._idle_scope is not None:
-            self._idle_scope.cancel()
+        """End this connection now: it is waiting for a request (drain, reload)."""
+        self._scope.cancel()
 
     # -- downstream I/O ------------------------------------------------------
 
@@ -214,30 +238,32 @@ class DownstreamConnection:
         svc.active_connections += 1
         first = True
         try:
-            if self.slot.proxy_protocol and not await self._read_proxy_header():
-                return
-            while not self._closing:
-                try:
-                    req = await self._next_request(first)
-                except ProtocolError as exc:
-                    await self._fatal_error(exc.status, str(exc))
+            with self._scope:
+                if self.slot.proxy_protocol and not await self._read_proxy_header():
                     return
-                if req is None:
-                    return
-                first = False
-                svc.active_requests += 1
-                try:
-                    keep = await self._handle(req)
-                finally:
-                    svc.active_requests -= 1
-                if not keep or svc.draining or self.slot.closed or not self.proto.can_reuse:
-                    return
-                self.proto.start_next_cycle()
+                while not self._closing:
+                    try:
+                        req = await self._next_request(first)
+                    except ProtocolError as exc:
+                        await self._fatal_error(exc.status, str(exc))
+                        return
+                    if req is None:
+                        return
+                    first = False
+                    svc.active_requests += 1
+                    try:
+                        keep = await self._handle(req)
+                    finally:
+                        svc.active_requests -= 1
+                    if not keep or svc.draining or self.slot.closed or not self.proto.can_reuse:
+                        return
+                    self.proto.start_next_cycle()
         except ClientGone:
             pass
         finally:
             svc.active_connections -= 1
             svc.idle.discard(self)
+            svc.timers.disarm(self)
             await trio.aclose_forcefully(self.stream)
 
     async def _read_proxy_header(self) -> bool:
@@ -285,19 +311,18 @@ class DownstreamConnection:
             if self.svc.draining:
                 return None
             # Waiting for the first byte of a request: the idle timeout on a
-            # kept-alive connection, the header timeout on a new one. A drain
-            # wakes connections parked here.
+            # kept-alive connection, the header timeout on a new one. Either
+            # (or a drain, which wakes connections parked here) cancels the
+            # connection's scope: it closes without a word.
             wait = lb.request_headers_timeout if first else lb.idle_timeout
-            self.svc.idle.add(self)
+            svc = self.svc
+            svc.idle.add(self)
+            svc.timers.arm(self, time.monotonic() + wait)
             try:
-                with trio.move_on_after(wait) as scope:
-                    self._idle_scope = scope
-                    data = await self._down_recv()
+                data = await self._down_recv()
             finally:
-                self._idle_scope = None
-                self.svc.idle.discard(self)
-            if scope.cancelled_caught:
-                return None
+                svc.timers.disarm(self)
+                svc.idle.discard(self)
             proto.receive_data(data)
             ev = proto.next_event()
             if ev is NEED_DATA:
@@ -329,12 +354,14 @@ class DownstreamConnection:
             pass
         self._closing = True
 
-    async def _send_error(self, status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None) -> int:
+    async def _send_error(
+        self, status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None, close: bool = False
+    ) -> int:
         body = error_body(status, message)
         headers = [TEXT_PLAIN, (b"content-length", b"%d" % len(body))]
         if extra:
             headers.extend(extra)
-        if (self.svc.draining or self.slot.closed) and (b"connection", b"close") not in headers:
+        if (close or self.svc.draining or self.slot.closed) and (b"connection", b"close") not in headers:
             headers.append((b"connection", b"close"))
         proto = self.proto
         data = proto.send_response(status, headers, _reason(status))
@@ -505,6 +532,7 @@ class DownstreamConnection:
                 target.active += 1
                 target.requests += 1
                 rec.target = target.id
+                rec.close = False  # nothing was answered yet: the client's connection lives on
                 trial = False
                 await self._exchange(
                     alt_conn, target, lb, req, headers, has_body, expect, upgrade, rec, again=True
@@ -623,6 +651,16 @@ class DownstreamConnection:
         except UpstreamTimeout:
             if dproto.response_started:
                 rec.close = True
+            elif self.timed_out:
+                # The timer cancelled this connection's scope: answer from a
+                # shielded one (bounded by the idle timeout), then close.
+                rec.status = 504
+                rec.close = True
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + lb.idle_timeout):
+                    rec.bytes_out = await self._send_error(
+                        504, f"gateway timeout: {target.id} did not answer in {lb.upstream_timeout:g}s",
+                        rec.extra_headers, close=True,
+                    )
             else:
                 rec.status = 504
                 rec.bytes_out = await self._send_error(504, f"gateway timeout: {target.id} did not answer in {lb.upstream_timeout:g}s", rec.extra_headers)
@@ -720,16 +758,27 @@ class DownstreamConnection:
             except ProtocolError as exc:
                 raise UpstreamFailed(str(exc), got_response=got) from None
             if ev is NEED_DATA:
-                with trio.move_on_after(timeout) as scope:
-                    if pump is not None and not pump.finished:
-                        # Still uploading: no response deadline until the body is sent.
-                        scope.deadline = math.inf
-                        pump.head_scope = scope
-                    data = await _up_recv(conn)
-                if pump is not None:
+                if pump is None:  # the common case: a deadline on the timer wheel
+                    timers = self.svc.timers
+                    timers.arm(self, time.monotonic() + timeout)
+                    try:
+                        data = await _up_recv(conn)
+                    except trio.Cancelled:
+                        if not self.timed_out:
+                            raise
+                        raise UpstreamTimeout() from None
+                    finally:
+                        timers.disarm(self)
+                else:
+                    with trio.move_on_after(timeout) as scope:
+                        if not pump.finished:
+                            # Still uploading: no response deadline until the body is sent.
+                            scope.deadline = math.inf
+                            pump.head_scope = scope
+                        data = await _up_recv(conn)
                     pump.head_scope = None
-                if scope.cancelled_caught:
-                    raise UpstreamTimeout()
+                    if scope.cancelled_caught:
+                        raise UpstreamTimeout()
                 if not data and not got:
                     raise UpstreamFailed("upstream closed the connection without answering")
                 got = True

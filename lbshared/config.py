@@ -422,14 +422,14 @@ class Listener(_Model):
 
 
 class Timeouts(_Model):
-    """Connection and request timeouts."""
+    """Connection and request timeouts (the waits for a head fire at most 0.1 s late)."""
 
     connect: Duration = Field(default=2.0, description="Connecting to a target.")
     request_headers: Duration = Field(
         default=10.0, description="Receiving a client's request head."
     )
     upstream_response: Duration = Field(
-        default=30.0, description="Waiting for a target's response head."
+        default=30.0, description="Waiting for a target's response head; the 504 after it closes the client connection."
     )
     idle: Duration = Field(default=60.0, description="Idle keep-alive connection, either side.")
 

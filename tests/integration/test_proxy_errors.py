@@ -193,6 +193,12 @@ def test_upstream_response_timeout_is_504(env: Env) -> None:
     assert 0.9 <= elapsed < 3.5, elapsed
     # A response inside the limit passes.
     assert request(env.port("slow"), "GET", "/slow?delay=0.1").status == 200
+    # The 504 says the connection closes, and it does; the node serves on.
+    with RawClient(env.port("slow"), timeout=5.0) as c:
+        resp = c.get("/slow?delay=3")
+        assert resp.status == 504 and resp.header("connection") == "close", resp.head
+        assert c.wait_closed()
+    assert request(env.port("slow"), "GET", "/slow?delay=0.1").status == 200
 
 
 def test_request_body_is_never_replayed(env: Env) -> None:

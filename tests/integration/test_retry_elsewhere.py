@@ -108,3 +108,47 @@ async def test_with_no_other_target_the_hang_up_is_a_502() -> None:
         assert reply.status == 502 and b"bad gateway: bad:" in reply.body, (reply.status, reply.body)
         node.stop()
         nursery.cancel_scope.cancel()
+
+
+async def _get(stream: trio.SocketStream, path: str) -> tuple[bytes, bytes]:
+    """One GET on a kept-alive connection: (head, body) of a Content-Length response."""
+    await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    buf = b""
+    with trio.fail_after(5):
+        while b"\r\n\r\n" not in buf:
+            chunk = await stream.receive_some(65536)
+            assert chunk, f"the node closed the connection: {buf!r}"
+            buf += chunk
+        head, _, body = buf.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                      if line.startswith(b"content-length:"))  # fmt: skip
+        while len(body) < length:
+            body += await stream.receive_some(65536)
+    return head, body
+
+
+@pytest.mark.parametrize("http_impl", ["h11", "httptools"])
+async def test_the_client_connection_survives_a_request_served_elsewhere(http_impl: str) -> None:
+    # What the client sees of the retry is one 200 on its kept-alive
+    # connection, which then serves the next request.
+    async with trio.open_nursery() as nursery:
+        port_bad = await nursery.start(_hang_up_after_the_head)
+        port_ok = await nursery.start(serve_backend, "127.0.0.1", 0, "ok")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            listen_port = s.getsockname()[1]
+        cfg = parse_config({"load_balancers": [{
+            "name": "r", "algorithm": "round_robin",
+            "listeners": [{"protocol": "http", "port": listen_port}],
+            "targets": [{"id": "bad", "address": f"127.0.0.1:{port_bad}"},
+                        {"id": "ok", "address": f"127.0.0.1:{port_ok}"}]}]})  # fmt: skip
+        opts = NodeOptions(bind="127.0.0.1", admin=None, access_log="off", http_impl=http_impl)
+        node = await nursery.start(Node(cfg, opts).run)
+        stream = await trio.open_tcp_stream("127.0.0.1", listen_port)
+        for i in range(6):  # round robin: every other one first goes to "bad"
+            head, body = await _get(stream, f"/n{i}")
+            assert head.startswith(b"HTTP/1.1 200"), (i, head, body)
+            assert b"connection: close" not in head.lower()
+        await stream.aclose()
+        node.stop()
+        nursery.cancel_scope.cancel()
