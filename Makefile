@@ -49,6 +49,7 @@ bench-all: $(BENCH_STAMP) services
 	$(PY) bench/bench_redis.py
 	$(PY) bench/bench_cluster.py
 	$(PY) bench/bench_idle.py
+	$(PY) bench/bench_streams.py
 	$(PY) bench/bench_peers.py
 
 docs: $(STAMP)

@@ -56,11 +56,15 @@ around the markers is left alone.
      "rows": [{"key", "name", "status": "measured" | "skipped" | "failed",
                "rps", "p50_ms", "p99_ms", "requests", "non_2xx_3xx",
                "socket_errors", "rps_vs_haproxy", "p99_vs_haproxy",
-               "note", "error"}],
+               "cpu_us_per_request", "note", "error"}],
      "cluster_vs_standalone": float or null,
      "targets": [{"target", "value", "met": true | false | null}]}
 
-(figures are null when not measured; ``met`` is null when a row it needs
+(``cpu_us_per_request``: user + system CPU time of the processes the row
+started, with their children, during the measured window, per request: the
+proxy alone, or a cluster's three nodes and its Redis; null for the backend
+alone. On a shared VM it varies less than requests/s, which depends on what
+else got the CPUs. Figures are null when not measured; ``met`` is null when a row it needs
 was not measured; ``value`` is the ratio the target is about.)
 
 Every process is stopped by its PID (``run.child``, ``RedisProc``); every
@@ -97,6 +101,7 @@ from run import (  # noqa: E402
     HOST,
     REPO_ROOT,
     SCENARIOS,
+    STARTED,
     BenchError,
     LoadGenerator,
     Measurement,
@@ -156,6 +161,7 @@ class Row:
     m: Measurement | None = None
     note: str = ""  # how it was measured, or why it was skipped
     error: str = ""  # why it failed
+    cpu_us: float | None = None  # CPU time of the row's processes per request
 
     @property
     def status(self) -> str:
@@ -339,6 +345,31 @@ def cluster(backend_port: int) -> Iterator[int]:
 # -- the run --------------------------------------------------------------------------------
 
 
+def cpu_seconds(roots: list[int]) -> float:
+    """User + system CPU seconds of the processes ``roots`` and all their
+    descendants (a supervisor's workers), from /proc; 0.0 where there is none."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    times: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        pid = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        times[pid] = int(fields[11]) + int(fields[12])  # utime + stime
+    total, todo = 0, list(roots)
+    while todo:
+        pid = todo.pop()
+        total += times.get(pid, 0)
+        todo.extend(children.get(pid, ()))
+    return total / tick
+
+
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -354,9 +385,16 @@ def run_rows(gen: LoadGenerator, duration: float, warmup: float) -> list[Row]:
         if skip:
             return
         print(f"{name} ...", file=sys.stderr, flush=True)
+        first = len(STARTED)
         try:
             with start() as port:
-                r.m = measure(gen, port, SCENARIO, duration, warmup, host)
+                if warmup > 0:
+                    measure(gen, port, SCENARIO, warmup, 0, host)
+                own = STARTED[first:]  # the proxy, its workers' parent, a cluster's Redis
+                cpu0 = cpu_seconds(own)
+                r.m = measure(gen, port, SCENARIO, duration, 0, host)
+                if own and r.m.requests:
+                    r.cpu_us = (cpu_seconds(own) - cpu0) / r.m.requests * 1e6
         except BenchError as exc:
             r.error = str(exc)
         else:
@@ -535,7 +573,8 @@ def versions() -> dict[str, str | None]:
 
 
 def _figures(row: Row, haproxy: Measurement | None) -> list[str] | None:
-    """rps, p50, p99 and the two ratios to HAProxy, formatted; None unless measured cleanly."""
+    """rps, p50, p99, the two ratios to HAProxy and the CPU per request,
+    formatted; None unless measured cleanly."""
     m = row.ok
     if m is None:
         return None
@@ -543,6 +582,7 @@ def _figures(row: Row, haproxy: Measurement | None) -> list[str] | None:
     return [
         f"{m.rps:,.0f}", f"{m.p50_ms:.2f}", f"{m.p99_ms:.2f}",
         "-" if rps is None else f"{rps:.2f}x", "-" if p99 is None else f"{p99:.2f}x",
+        "-" if row.cpu_us is None else f"{row.cpu_us:.0f}",
     ]  # fmt: skip
 
 
@@ -555,15 +595,16 @@ def format_table(rows: list[Row]) -> str:
     haproxy = _by_key(rows).get("haproxy")
     width = max(len(r.name) for r in rows)
     lines = [f"{'proxy':{width}}  {'rps':>8}  {'p50 ms':>7}  {'p99 ms':>7}  "
-             f"{'rps/HAProxy':>11}  {'p99/HAProxy':>11}"]  # fmt: skip
+             f"{'rps/HAProxy':>11}  {'p99/HAProxy':>11}  {'CPU us/req':>10}"]  # fmt: skip
     notes = []
     for r in rows:
         figures = _figures(r, haproxy)
         if figures is None:
             lines.append(f"{r.name:{width}}  {_why(r)}")
             continue
-        rps, p50, p99, vs, p99vs = figures
-        lines.append(f"{r.name:{width}}  {rps:>8}  {p50:>7}  {p99:>7}  {vs:>11}  {p99vs:>11}")
+        rps, p50, p99, vs, p99vs, cpu = figures
+        lines.append(f"{r.name:{width}}  {rps:>8}  {p50:>7}  {p99:>7}  {vs:>11}  {p99vs:>11}"
+                     f"  {cpu:>10}")  # fmt: skip
         if r.note:
             notes.append(f"note: {r.name}: {r.note}")
     return "\n".join(lines + notes)
@@ -593,8 +634,8 @@ def format_markdown(rows: list[Row], meta: dict[str, object]) -> str:
              f"{meta['warmup_s']:g} s warm-up, the same `bench/fast_backend.py` behind "
              "every row.", "  "),
         "",
-        "| proxy | requests/s | p50 ms | p99 ms | rps vs HAProxy | p99 vs HAProxy |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| proxy | requests/s | p50 ms | p99 ms | rps vs HAProxy | p99 vs HAProxy | CPU µs/request |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]  # fmt: skip
     haproxy = _by_key(rows).get("haproxy")
     notes: list[str] = []
@@ -602,7 +643,7 @@ def format_markdown(rows: list[Row], meta: dict[str, object]) -> str:
         name = f"lbnode `{r.name[len('lbnode '):]}`" if r.name.startswith("lbnode --") else r.name
         figures = _figures(r, haproxy)
         if figures is None:
-            figures = [_why(r).replace("|", "\\|"), "", "", "", ""]
+            figures = [_why(r).replace("|", "\\|"), "", "", "", "", ""]
         elif r.note:
             notes.append(para(f"{len(notes) + 1}. {r.name}: {r.note}.", "   "))
             name += f" ({len(notes)})"
@@ -641,7 +682,7 @@ def to_json(rows: list[Row], meta: dict[str, object]) -> dict[str, object]:
             "p99_ms": m.p99_ms if m else None, "requests": m.requests if m else None,
             "non_2xx_3xx": m.non_2xx_3xx if m else None,
             "socket_errors": m.socket_errors if m else None,
-            "rps_vs_haproxy": rps, "p99_vs_haproxy": p99,
+            "rps_vs_haproxy": rps, "p99_vs_haproxy": p99, "cpu_us_per_request": r.cpu_us,
             "note": r.note or None, "error": r.error or None,
         }  # fmt: skip
 

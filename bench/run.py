@@ -61,6 +61,9 @@ HOST = "127.0.0.1"
 # Bounds of every wait on a child process.
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
+#: PIDs of every process child() started, in order (bench_peers charges a
+#: row the CPU time of the processes it started).
+STARTED: list[int] = []
 POLL_INTERVAL = 0.1
 # The load generator gets this long beyond the run's duration before it is killed.
 LOADGEN_GRACE = 30.0
@@ -180,6 +183,7 @@ def child(argv: Sequence[str], name: str) -> Iterator[tuple[subprocess.Popen[byt
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=_child_env()
         )
+    STARTED.append(proc.pid)
     try:
         yield proc, log_path
     finally:
