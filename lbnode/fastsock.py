@@ -6,7 +6,9 @@ before the system call, ``cancel_shielded_checkpoint`` after it). A proxied
 request makes four such calls (read the request, write it upstream, read the
 response, write it back); two of them (the writes) nearly always complete at
 once, and under load the reads often find data waiting too. Each trap is a
-trip through trio's run loop: a quarter of the node's CPU with httptools.
+trip through trio's run loop (``trio.lowlevel.checkpoint()`` costs about
+6.6 µs on the benchmark VM); ``bench/bench_streams.py`` measures a round trip
+of two sends and two receives 1.4x cheaper with this stream.
 
 ``FastSocketStream`` first tries the system call and only waits (a real
 checkpoint, where cancellation and timeouts are delivered) when the kernel
