@@ -651,19 +651,17 @@ class DownstreamConnection:
         except UpstreamTimeout:
             if dproto.response_started:
                 rec.close = True
-            elif self.timed_out:
-                # The timer cancelled this connection's scope: answer from a
-                # shielded one (bounded by the idle timeout), then close.
-                rec.status = 504
-                rec.close = True
-                with trio.CancelScope(shield=True, deadline=trio.current_time() + lb.idle_timeout):
-                    rec.bytes_out = await self._send_error(
-                        504, f"gateway timeout: {target.id} did not answer in {lb.upstream_timeout:g}s",
-                        rec.extra_headers, close=True,
-                    )
             else:
                 rec.status = 504
-                rec.bytes_out = await self._send_error(504, f"gateway timeout: {target.id} did not answer in {lb.upstream_timeout:g}s", rec.extra_headers)
+                message = f"gateway timeout: {target.id} did not answer in {lb.upstream_timeout:g}s"
+                # After the timer wheel fired, this connection's scope is
+                # cancelled: answer from a shielded one (bounded by the idle
+                # timeout), then close. (A body upload's own scope leaves it intact.)
+                shield = self.timed_out
+                rec.close = shield
+                deadline = trio.current_time() + lb.idle_timeout if shield else math.inf
+                with trio.CancelScope(shield=shield, deadline=deadline):
+                    rec.bytes_out = await self._send_error(504, message, rec.extra_headers, close=shield)
         except UpstreamFailed as exc:
             log.info("lb %s: upstream %s failed: %s", lb.name, target.id, exc.reason)
             if dproto.response_started:
